@@ -1,0 +1,214 @@
+"""The train command (SPEC section 3): parse, check everything, train, write atomically.
+
+Frameworks are imported only when asked for, so `--framework jax` works without torch
+installed and the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import numpy as np
+
+from hetcore import data, interchange, outputs
+from hetcore.errors import TrainingDiverged, UsageError
+from hetcore.metrics import final_metrics
+from hetcore.results import RunResult
+from hetcore.settings import DEVICES, DTYPES, FRAMEWORKS, PRESETS, Settings
+
+_MODULES = {"jax": "jaxhet.train", "torch": "torchhet.train"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the lecture's heteroscedastic regression (mean and variance heads, "
+        "Gaussian NLL, full-batch SGD) in JAX, PyTorch or both.",
+    )
+    d = Settings()
+    p.add_argument("--framework", choices=FRAMEWORKS, default=d.framework)
+    p.add_argument("--device", choices=DEVICES, default=d.device,
+                   help="auto takes the best device present (default)")
+    p.add_argument("--preset", choices=PRESETS, default=d.preset,
+                   help="lecture: the lecture's exact data and initial weights where the other "
+                   "options leave them as in the lecture; none: synthetic data and weights "
+                   "drawn from --seed")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=None,
+                   help="draw synthetic data and initial weights from this seed (replaces the "
+                   "lecture's own draw)")
+    p.add_argument("--n-points", type=int, default=d.n_points)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--full", action="store_true",
+                   help="add the constant 0.5*log(2*pi) to the loss")
+    p.add_argument("--data", metavar="PATH", help=".npz with arrays x and y, or .csv with header x,y")
+    p.add_argument("--init-from", metavar="PATH", help="initial weights (safetensors interchange file)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: a new one under runs/)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--chunk-epochs", type=int, default=d.chunk_epochs,
+                   help="epochs per compiled chunk (one host sync and progress update each)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        framework=args.framework, device=args.device, preset=args.preset, epochs=args.epochs,
+        lr=args.lr, seed=args.seed, n_points=args.n_points, width=args.width, depth=args.depth,
+        dtype=args.dtype, full=args.full, data=args.data, init_from=args.init_from,
+        chunk_epochs=args.chunk_epochs,
+    )
+
+
+def load_framework(name: str):
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        raise UsageError(f"--framework {name}: cannot import it ({e})") from None
+
+
+def initial_weights(settings: Settings, init_module) -> tuple[dict, str]:
+    """The run's initial weights and where they came from."""
+    if settings.init_from is not None:
+        w = interchange.read_weights(settings.init_from, settings.width, settings.depth,
+                                     settings.dtype)
+        return w, os.path.abspath(settings.init_from)
+    if settings.lecture_weights:
+        return interchange.cast(interchange.lecture_weights(), settings.dtype), "lecture"
+    w = init_module.init_weights(settings.width, settings.depth, settings.dtype,
+                                 settings.init_seed)
+    return w, f"{init_module.FRAMEWORK} init(seed={settings.init_seed})"
+
+
+class _Progress:
+    """A tqdm bar over epochs, updated once per chunk."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="epoch", file=sys.stderr,
+                            dynamic_ncols=True, disable=None)
+
+    def __call__(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.5f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.ndarray,
+              y: np.ndarray, config: dict) -> dict:
+    """All files of one framework's run into `stage_dir`; returns the metrics."""
+    from hetcore import figures
+
+    os.makedirs(stage_dir, exist_ok=True)
+    epochs = len(result.loss_history)
+    metrics = {
+        "config": config,
+        "framework": result.framework,
+        "device": result.device,
+        "dtype": result.dtype,
+        "loop": result.loop,
+        "loss_history": [float(v) for v in result.loss_history],
+        "final": final_metrics(y, result.mu, result.var, result.final_loss,
+                               dataset.true_sigma()),
+        "timing": {
+            "compile_s": result.compile_s,
+            "train_s": result.train_s,
+            "epochs": epochs,
+            "ms_per_epoch": 1e3 * result.train_s / epochs,
+        },
+        "versions": result.versions,
+    }
+    outputs.write_json(os.path.join(stage_dir, "metrics.json"), metrics)
+    outputs.write_predictions(os.path.join(stage_dir, "predictions.csv"), x, result.mu,
+                              result.sigma)
+    meta = {"framework": result.framework, "dtype": result.dtype}
+    interchange.write(os.path.join(stage_dir, "initial_weights.safetensors"),
+                      result.initial_weights, meta)
+    interchange.write(os.path.join(stage_dir, "weights.safetensors"), result.weights, meta)
+    title = f"{result.framework} on {result.device}, {epochs} epochs ({result.dtype})"
+    fig = figures.fit_figure(x[:, 0], y[:, 0], result.mu, result.sigma, title,
+                             dataset.true_mean(), dataset.true_sigma())
+    figures.save(fig, os.path.join(stage_dir, "fit"))
+    return metrics
+
+
+def summary(result: RunResult, metrics: dict) -> str:
+    f, t = metrics["final"], metrics["timing"]
+    line = (f"{result.framework:5s} {result.device} {result.dtype}: {t['epochs']} epochs in "
+            f"{t['train_s']:.3f} s ({t['ms_per_epoch']:.3f} ms/epoch), compile {t['compile_s']:.2f} s"
+            f"\n      final loss {f['loss']:.6f}  rmse {f['rmse']:.4f}  coverage 1/2/3 sigma "
+            f"{f['coverage_1sigma']:.1%} / {f['coverage_2sigma']:.1%} / {f['coverage_3sigma']:.1%}")
+    if "sigma_mae" in f:
+        line += f"  sigma_mae {f['sigma_mae']:.4f}"
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    out = args.out or outputs.default_out(settings.framework)
+    outputs.check_out(out, args.overwrite)
+    dataset = data.for_settings(settings)
+    x, y = dataset.columns(settings.dtype)
+    names = ["jax", "torch"] if settings.framework == "both" else [settings.framework]
+    modules = {n: load_framework(n) for n in names}
+    devices = {n: m.resolve_device(settings.device) for n, m in modules.items()}  # fail early
+    del devices
+    weights, weights_source = initial_weights(settings, modules[names[0]])
+    config = {**settings.to_dict(), "data_source": dataset.source,
+              "init_source": weights_source, "n_points_used": int(x.shape[0]),
+              "out": os.path.abspath(out)}
+
+    results = {}
+    for n, m in modules.items():
+        bar = _Progress(f"{n} train", settings.epochs, not args.no_progress)
+        try:
+            results[n] = m.train(settings, x, y, weights, progress=bar)
+        finally:
+            bar.close()
+
+    with outputs.staged(out) as stage:
+        lines = []
+        for n, r in results.items():
+            where = os.path.join(stage, n) if len(results) > 1 else stage
+            metrics = write_run(where, r, dataset, x, y, config)
+            lines.append(summary(r, metrics))
+        if len(results) == 2:
+            from hetcore import figures, parity
+
+            report = parity.compare(results["jax"], results["torch"])
+            outputs.write_json(os.path.join(stage, "parity.json"), report)
+            figures.save(figures.parity_figure(results["jax"], results["torch"], x),
+                         os.path.join(stage, "parity"))
+            lines.append(
+                f"parity: max |loss gap| {report['loss_history']['max_abs']:.3g}, "
+                f"max |sigma gap| {report['sigma']['max_abs']:.3g}"
+            )
+    print("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with "train.py: error: ..." on bad usage
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code

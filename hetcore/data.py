@@ -1,0 +1,175 @@
+"""Data sets: the lecture's own draw, synthetic draws of the same law, and the user's files.
+
+The law (SPEC section 1): x = linspace(-3, 3, N); y = sin(x) + noise with standard deviation
+0.1 * (3 - |x|), largest at the centre.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetcore import interchange
+from hetcore.errors import UsageError
+from hetcore.settings import Settings
+
+X_MIN, X_MAX = -3.0, 3.0
+NOISE_SCALE = 0.1
+
+
+def true_mean(x: np.ndarray) -> np.ndarray:
+    return np.sin(x)
+
+
+def true_sigma(x: np.ndarray) -> np.ndarray:
+    return NOISE_SCALE * (3.0 - np.abs(x))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training points as 1-D arrays, and where they came from.
+
+    `synthetic` is true when the data follow the law above, so that the true mean and noise
+    level are known (the lecture's data included).
+    """
+
+    x: np.ndarray  # (N,)
+    y: np.ndarray  # (N,)
+    source: str
+    synthetic: bool
+
+    def columns(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) as (N, 1) arrays of `dtype`, the shape both models take."""
+        x = np.ascontiguousarray(self.x, dtype=dtype).reshape(-1, 1)
+        y = np.ascontiguousarray(self.y, dtype=dtype).reshape(-1, 1)
+        return x, y
+
+    def true_mean(self) -> np.ndarray | None:
+        return true_mean(self.x.astype(np.float64)) if self.synthetic else None
+
+    def true_sigma(self) -> np.ndarray | None:
+        return true_sigma(self.x.astype(np.float64)) if self.synthetic else None
+
+
+def synthetic(n_points: int, seed: int) -> Dataset:
+    """A fresh draw of the lecture's law with numpy's PCG64 generator, in float64."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(X_MIN, X_MAX, n_points)
+    y = true_mean(x) + rng.standard_normal(n_points) * true_sigma(x)
+    return Dataset(x=x, y=y, source=f"synthetic(n_points={n_points}, seed={seed})", synthetic=True)
+
+
+def lecture() -> Dataset:
+    """The lecture's exact data (float32), shipped in the preset file."""
+    tensors = interchange.read_preset()
+    return Dataset(x=tensors["x"], y=tensors["y"], source="lecture", synthetic=True)
+
+
+def for_settings(settings: Settings) -> Dataset:
+    """The data a run uses: the user's file, the lecture's draw, or a synthetic draw."""
+    if settings.data is not None:
+        return read(settings.data, settings.dtype)
+    if settings.lecture_data:
+        return lecture()
+    return synthetic(settings.n_points, settings.data_seed)
+
+
+def _as_column(name: str, label: str, a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
+        raise UsageError(f"{label}: array '{name}' has dtype {a.dtype}, expected real numbers")
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise UsageError(
+            f"{label}: array '{name}' has shape {a.shape}, expected (N,) or (N, 1)"
+        )
+    return a
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            names = sorted(f.files)
+            missing = [n for n in ("x", "y") if n not in names]
+            if missing:
+                raise UsageError(
+                    f"--data {path}: missing array {missing[0]!r} (found {names or 'none'})"
+                )
+            extra = [n for n in names if n not in ("x", "y")]
+            if extra:
+                raise UsageError(
+                    f"--data {path}: unexpected arrays {extra}; expected exactly 'x' and 'y'"
+                )
+            return f["x"], f["y"]
+    except UsageError:
+        raise
+    except ValueError as e:  # object arrays need pickle, which we refuse
+        if "pickle" in str(e).lower():
+            raise UsageError(f"--data {path}: holds pickled objects, which are refused") from None
+        raise UsageError(f"--data {path}: not a readable .npz file ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UsageError(f"--data {path}: not a readable .npz file ({e})") from None
+
+
+def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--data {path}: cannot read ({e})") from None
+    if not rows:
+        raise UsageError(f"--data {path}: empty file, expected a header 'x,y'")
+    header = [h.strip() for h in rows[0]]
+    if header != ["x", "y"]:
+        raise UsageError(f"--data {path}: header is {','.join(header)!r}, expected 'x,y'")
+    xs, ys = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue  # a blank line, e.g. a trailing newline
+        if len(row) != 2:
+            raise UsageError(f"--data {path}: line {line} has {len(row)} fields, expected 2")
+        try:
+            xs.append(float(row[0]))
+            ys.append(float(row[1]))
+        except ValueError:
+            raise UsageError(f"--data {path}: line {line} is not two numbers: {row!r}") from None
+    return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+
+
+def read(path: str, dtype: str = "float64") -> Dataset:
+    """Read the user's data: `.npz` with arrays x and y, or `.csv` with header x,y.
+
+    Raises UsageError with one line naming the file and the problem.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"--data {path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        x, y = _read_npz(path)
+    elif ext == ".csv":
+        x, y = _read_csv(path)
+    else:
+        raise UsageError(f"--data {path}: unknown file type {ext or '(none)'!r}; use .npz or .csv")
+    x = _as_column("x", f"--data {path}", np.asarray(x))
+    y = _as_column("y", f"--data {path}", np.asarray(y))
+    if x.shape[0] != y.shape[0]:
+        raise UsageError(f"--data {path}: x has {x.shape[0]} points but y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise UsageError(f"--data {path}: no data points")
+    for name, a in (("x", x), ("y", y)):
+        # Finite in the run's precision: 1e300 is finite in float64 but not in float32.
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = ~np.isfinite(a.astype(np.float64)) | ~np.isfinite(a.astype(dtype))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UsageError(
+                f"--data {path}: {name}[{i}] = {a[i]!r} is not a finite {dtype} number"
+            )
+    return Dataset(
+        x=x.astype(np.float64), y=y.astype(np.float64), source=os.path.abspath(path),
+        synthetic=False,
+    )

@@ -1,0 +1,22 @@
+"""The two failures a command reports without a traceback (SPEC section 3)."""
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: exit status 2, one line `error: ...` on stderr."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(Exception):
+    """Training produced a non-finite loss: exit status 1, the message names the epoch."""
+
+    exit_code = 1
+
+    def __init__(self, framework: str, epoch: int, loss: float):
+        self.framework = framework
+        self.epoch = epoch
+        self.loss = loss
+        super().__init__(
+            f"{framework}: training diverged: loss is {loss} at epoch {epoch}; "
+            "try a smaller --lr"
+        )

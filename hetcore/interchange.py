@@ -1,0 +1,132 @@
+"""The weights interchange file (SPEC section 2): safetensors, torch names and layout.
+
+In memory a set of weights is a "state dict": a dict from the lecture module's state_dict
+names to numpy arrays in torch layout, (out, in) for weights. jaxhet.weights converts it to
+and from Flax's layout; torchhet uses it as it is. No pickle is read or written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from hetcore.errors import UsageError
+
+PRESET_FILE = "lecture.safetensors"
+
+
+def names(depth: int) -> list[str]:
+    """Tensor names in module order: the trunk's Linear layers sit at even Sequential indices
+    because a ReLU follows each one."""
+    out = []
+    for k in range(depth):
+        out += [f"layers.{2 * k}.weight", f"layers.{2 * k}.bias"]
+    return out + ["mean_head.weight", "mean_head.bias", "var_head.weight", "var_head.bias"]
+
+
+def shapes(width: int, depth: int, in_features: int = 1) -> dict[str, tuple[int, ...]]:
+    """Expected torch-layout shape of every tensor."""
+    out: dict[str, tuple[int, ...]] = {}
+    fan_in = in_features
+    for k in range(depth):
+        out[f"layers.{2 * k}.weight"] = (width, fan_in)  # (out, in)
+        out[f"layers.{2 * k}.bias"] = (width,)
+        fan_in = width
+    for head in ("mean_head", "var_head"):
+        out[f"{head}.weight"] = (1, width)
+        out[f"{head}.bias"] = (1,)
+    return out
+
+
+def check(state: dict, width: int, depth: int, dtype: str, label: str = "weights") -> None:
+    """Raise UsageError naming the first tensor whose name, shape, dtype or values do not fit."""
+    expected = shapes(width, depth)
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise UsageError(f"{label}: missing tensor '{missing[0]}' (width {width}, depth {depth})")
+    extra = sorted(n for n in state if n not in expected)
+    if extra:
+        raise UsageError(
+            f"{label}: unexpected tensor '{extra[0]}' for width {width}, depth {depth}"
+        )
+    for name, shape in expected.items():
+        a = state[name]
+        if tuple(a.shape) != shape:
+            raise UsageError(
+                f"{label}: tensor '{name}' has shape {tuple(a.shape)}, expected {shape} "
+                f"(width {width}, depth {depth})"
+            )
+        if str(a.dtype) != dtype:
+            raise UsageError(f"{label}: tensor '{name}' is {a.dtype}, expected {dtype}")
+        if not np.isfinite(a).all():
+            raise UsageError(f"{label}: tensor '{name}' holds non-finite values")
+
+
+def write(path: str, state: dict, metadata: dict | None = None) -> None:
+    """Write a state dict as safetensors, tensors in module order."""
+    ordered = {n: np.ascontiguousarray(state[n]) for n in state}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file(ordered, path, metadata=meta or None)
+
+
+def read(path: str, label: str = "--init-from") -> dict[str, np.ndarray]:
+    """Read a safetensors file into a dict of numpy arrays; anything else is refused."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{label} {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise UsageError(
+            f"{label} {path}: looks like a pickle or torch.save file, which is refused; "
+            "use safetensors"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{label} {path}: not a valid safetensors file ({msg})") from None
+
+
+def read_weights(path: str, width: int, depth: int, dtype: str) -> dict[str, np.ndarray]:
+    """Read and check an interchange file against the requested architecture and dtype."""
+    state = read(path)
+    check(state, width, depth, dtype, label=f"--init-from {path}")
+    return state
+
+
+def read_preset() -> dict[str, np.ndarray]:
+    """The lecture preset: data `x`, `y` (float32) and the lecture's initial weights."""
+    ref = resources.files("hetcore") / "presets" / PRESET_FILE
+    with resources.as_file(ref) as p:
+        return load_file(str(p))
+
+
+def lecture_weights() -> dict[str, np.ndarray]:
+    """The lecture's initial weights (float32, torch layout)."""
+    tensors = read_preset()
+    return {n: tensors[n] for n in names(2)}
+
+
+def cast(state: dict, dtype: str) -> dict[str, np.ndarray]:
+    return {n: np.asarray(a, dtype=dtype) for n, a in state.items()}
+
+
+def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
+    """Largest absolute difference per tensor (float64 arithmetic)."""
+    return {
+        n: float(np.max(np.abs(a[n].astype(np.float64) - b[n].astype(np.float64))))
+        for n in a
+    }
+
+
+def architecture(state: dict) -> tuple[int, int]:
+    """(width, depth) of a state dict, read from its tensor shapes."""
+    depth = sum(1 for n in state if n.startswith("layers.") and n.endswith(".weight"))
+    if depth == 0 or "layers.0.weight" not in state:
+        raise UsageError("weights: missing tensor 'layers.0.weight'")
+    return int(np.shape(state["layers.0.weight"])[0]), depth

@@ -1,0 +1,31 @@
+"""Metrics of a fitted model at its training points (float64 arithmetic, numpy only)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def final_metrics(y: np.ndarray, mu: np.ndarray, var: np.ndarray, loss: float,
+                  true_sigma: np.ndarray | None = None) -> dict:
+    """`final` block of metrics.json (SPEC section 3).
+
+    loss: the training loss of the final weights, as the framework computed it.
+    nll: the full Gaussian negative log-likelihood per point, constant included.
+    coverage_ks: fraction of points with |y - mu| <= k * sigma.
+    sigma_mae: mean |sigma - true sigma|, when the true noise level is known.
+    """
+    y, mu, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (y, mu, var))
+    sigma = np.sqrt(var)
+    z = np.abs(y - mu) / sigma
+    out = {
+        "loss": float(loss),
+        "rmse": float(np.sqrt(np.mean((y - mu) ** 2))),
+        "nll": float(np.mean(0.5 * np.log(2 * math.pi * var) + (y - mu) ** 2 / (2 * var))),
+    }
+    for k in (1, 2, 3):
+        out[f"coverage_{k}sigma"] = float(np.mean(z <= k))
+    if true_sigma is not None:
+        out["sigma_mae"] = float(np.mean(np.abs(sigma - np.asarray(true_sigma).reshape(-1))))
+    return out

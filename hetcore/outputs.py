@@ -1,0 +1,114 @@
+"""Run directories: checked before any work, written whole or not at all.
+
+Every file of a run is first written into a staging directory beside `--out` and moved into
+place only when all of them are complete, so `--out` never holds a half-written file and a
+failed or interrupted run leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from hetcore.errors import UsageError
+
+RUN_FILES = ("metrics.json", "predictions.csv", "initial_weights.safetensors",
+             "weights.safetensors", "fit.png", "fit.svg")
+BOTH_FILES = ("parity.json", "parity.png", "parity.svg", "jax", "torch")
+
+
+def default_out(framework: str, root: str = "runs") -> str:
+    """A new directory under runs/ named by time and framework."""
+    stem = os.path.join(root, time.strftime("%Y%m%d-%H%M%S") + f"-{framework}")
+    path, k = stem, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{stem}-{k}"
+    return path
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or that holds a run, unless overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if os.path.isdir(out) and not overwrite:
+        held = [n for n in RUN_FILES + BOTH_FILES if os.path.exists(os.path.join(out, n))]
+        if held:
+            raise UsageError(
+                f"--out {out}: already holds a run ({held[0]}); pass --overwrite to replace it"
+            )
+    parent = os.path.dirname(os.path.abspath(out))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create it under {existing} (not writable)")
+
+
+def _move_into(src: str, dst: str) -> None:
+    """Move every file under src to the same place under dst, replacing files there."""
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(s):
+            _move_into(s, d)
+        else:
+            os.replace(s, d)
+
+
+def _normal_modes(root: str) -> None:
+    """mkdtemp and safetensors create owner-only entries; give them the umask's modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for top, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(top, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(top, f), 0o666 & ~mask)
+
+
+@contextmanager
+def staged(out: str):
+    """Yield a staging directory; on success its contents land in `out`, else vanish."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-",
+                             dir=parent)
+    try:
+        yield stage
+        _normal_modes(stage)
+        if not os.path.exists(out):
+            os.rename(stage, out)  # one atomic step
+        else:
+            _move_into(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    """JSON with floats written exactly (repr) and NaN refused."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def write_predictions(path: str, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """CSV `x,mu,sigma`, input order; repr of float64 reads back exactly (float32 values
+    included, since every float32 is a float64)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("x,mu,sigma\n")
+        for a, b, c in zip(np.asarray(x, np.float64).reshape(-1), np.asarray(mu, np.float64),
+                           np.asarray(sigma, np.float64)):
+            f.write(f"{a!r},{b!r},{c!r}\n")
+
+
+def read_predictions(path: str) -> dict[str, np.ndarray]:
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    return {"x": data[:, 0], "mu": data[:, 1], "sigma": data[:, 2]}

@@ -1,0 +1,91 @@
+"""The two-headed network and its loss, in Flax NNX; mirrors torchhet/model.py."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hetcore.settings import EPS
+
+# Full float32 products on every device (SPEC section 4): without it TPUs and recent GPUs
+# may multiply float32 in bf16 or TF32.
+PRECISION = jax.lax.Precision.HIGHEST
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default
+
+
+@jax.custom_vjp
+def softplus(x: jax.Array) -> jax.Array:
+    """torch.nn.functional.softplus (beta 1, threshold 20), forward and backward formulas
+    as torch writes them, so that both frameworks round alike."""
+    # The minimum keeps exp from overflowing in the branch that where() discards.
+    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+def _softplus_fwd(x):
+    return softplus(x), x
+
+
+def _softplus_bwd(x, g):
+    z = jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))
+    return (jnp.where(x > SOFTPLUS_THRESHOLD, g, g * z / (z + 1)),)
+
+
+softplus.defvjp(_softplus_fwd, _softplus_bwd)
+
+
+def _uniform_init(fan_in: int):
+    """torch.nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the
+    weight (kaiming_uniform with a=sqrt(5)) and for the bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _linear(fan_in: int, fan_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    init = _uniform_init(fan_in)
+    return nnx.Linear(
+        fan_in, fan_out, dtype=dtype, param_dtype=dtype, precision=PRECISION,
+        kernel_init=init, bias_init=init, rngs=rngs,
+    )
+
+
+class HeteroscedasticMLP(nnx.Module):
+    """ReLU trunk of `depth` Linear(width) layers, a mean head and a variance head.
+
+    Attribute names and Sequential indices follow the lecture's NormalModel, so that
+    `layers.2.weight` in torch is `layers.layers[2].kernel` (transposed) here.
+    """
+
+    def __init__(self, width: int = 512, depth: int = 2, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs, in_features: int = 1):
+        trunk = []
+        fan_in = in_features
+        for _ in range(depth):
+            trunk += [_linear(fan_in, width, dtype, rngs), nnx.relu]
+            fan_in = width
+        self.layers = nnx.Sequential(*trunk)
+        self.mean_head = _linear(width, 1, dtype, rngs)
+        self.var_head = _linear(width, 1, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        features = self.layers(x)  # (N, width)
+        mu = self.mean_head(features)  # (N, 1)
+        var = softplus(self.var_head(features)) + EPS  # (N, 1)
+        return mu, var
+
+
+def gaussian_nll(mu: jax.Array, var: jax.Array, target: jax.Array, full: bool = False) -> jax.Array:
+    """The lecture's loss: mean of log(var)/2 + (target - mu)**2 / (2 var).
+
+    With `full`, adds 0.5*log(2*pi) as torch.nn.GaussianNLLLoss(full=True) does.
+    """
+    loss = jnp.mean(jnp.log(var) / 2 + (target - mu) ** 2 / (2 * var))
+    if full:
+        loss = loss + 0.5 * math.log(2 * math.pi)
+    return loss

@@ -1,0 +1,223 @@
+"""Training: the whole run is jit-compiled `lax.scan` over epochs, dispatched in chunks.
+
+Mirrors torchhet/train.py. A run is a pure function of (settings, data, initial weights):
+the compiled chunk takes weights, data and learning rate as arguments, so new values never
+recompile; only the architecture, dtype, point count and chunk length are compiled in.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hetcore.errors import TrainingDiverged
+from hetcore.interchange import architecture
+from hetcore.results import RunResult, chunk_plan, first_nonfinite
+from hetcore.settings import Settings
+from jaxhet.device import describe, resolve_device
+from jaxhet.model import HeteroscedasticMLP, gaussian_nll
+from jaxhet.weights import from_state_dict, to_state_dict
+
+FRAMEWORK = "jax"
+
+
+def enable_dtype(dtype: str) -> None:
+    """float64 needs JAX's x64 mode; it is switched on once and left on (float32 runs set
+    every dtype explicitly, so they are unaffected)."""
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+
+
+def _abstract(width: int, depth: int, dtype: str):
+    """GraphDef and abstract parameter State, without allocating any weights."""
+    model = nnx.eval_shape(
+        lambda: HeteroscedasticMLP(width, depth, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+    )
+    graphdef, abstract = nnx.split(model, nnx.Param)
+    return graphdef, abstract
+
+
+def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.ndarray]:
+    """Initial weights drawn from `seed` (torch's default law), as a state dict."""
+    enable_dtype(dtype)
+    model = HeteroscedasticMLP(width, depth, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(params=seed))
+    return to_state_dict(nnx.state(model, nnx.Param))
+
+
+def _loss(params, graphdef, x, y, full):
+    mu, var = nnx.merge(graphdef, params)(x)
+    return gaussian_nll(mu, var, y, full)
+
+
+def _chunk(graphdef, length: int, full: bool, carry, x, y, lr, n_active):
+    """`length` SGD epochs as one lax.scan; epochs from `n_active` on are masked.
+
+    carry = (params, opt_state, ok). An epoch whose loss is not finite applies no update
+    and clears `ok`, so the weights stay those of the last finite step and the host finds
+    the bad epoch in the returned losses without a sync every epoch.
+    """
+    tx = optax.sgd(lr)
+
+    def epoch(carry, i):
+        params, opt_state, ok = carry
+        loss, grads = jax.value_and_grad(_loss)(params, graphdef, x, y, full)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss)
+        apply = ok & (i < n_active) & finite
+        keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        ok = ok & (finite | (i >= n_active))
+        return (params, opt_state, ok), loss
+
+    return jax.lax.scan(epoch, carry, jnp.arange(length))
+
+
+_chunk_jit = jax.jit(_chunk, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+
+def _forward(graphdef, full: bool, params, x, y):
+    mu, var = nnx.merge(graphdef, params)(x)
+    return mu, var, gaussian_nll(mu, var, y, full)
+
+
+_forward_jit = jax.jit(_forward, static_argnums=(0, 1))
+
+_compiled: dict = {}
+
+
+def _compile(fn, key, *args):
+    """Ahead-of-time compile, cached by everything that shapes the program (never values)."""
+    if key not in _compiled:
+        _compiled[key] = fn.lower(*args).compile()
+    return _compiled[key]
+
+
+def _signature(a) -> tuple:
+    return tuple((l.shape, str(l.dtype)) for l in jax.tree.leaves(a))
+
+
+def _put(state: dict, width: int, depth: int, dtype: str, device):
+    graphdef, abstract = _abstract(width, depth, dtype)
+    params = from_state_dict({n: np.asarray(a, dtype=dtype) for n, a in state.items()}, abstract)
+    return graphdef, jax.device_put(params, device)
+
+
+def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = False,
+            y: np.ndarray | None = None):
+    """(mu, var, loss) as numpy for a state dict and inputs x (N, 1); loss needs y."""
+    dtype = str(np.asarray(x).dtype)
+    enable_dtype(dtype)
+    dev = resolve_device(device)
+    width, depth = architecture(weights)
+    graphdef, params = _put(weights, width, depth, dtype, dev)
+    xs = jax.device_put(np.asarray(x), dev)
+    ys = jax.device_put(np.asarray(x if y is None else y), dev)
+    mu, var, loss = _forward_jit(graphdef, full, params, xs, ys)
+    return np.asarray(mu), np.asarray(var), (None if y is None else float(loss))
+
+
+def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "auto",
+                  full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and the gradient of every parameter, gradients as a torch-layout state dict."""
+    dtype = str(np.asarray(x).dtype)
+    enable_dtype(dtype)
+    dev = resolve_device(device)
+    width, depth = architecture(weights)
+    graphdef, params = _put(weights, width, depth, dtype, dev)
+    loss, grads = jax.jit(jax.value_and_grad(_loss), static_argnums=(1, 4))(
+        params, graphdef, jax.device_put(x, dev), jax.device_put(y, dev), full
+    )
+    return float(loss), to_state_dict(grads)
+
+
+def versions() -> dict:
+    import flax
+
+    return {
+        "python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+        "flax": flax.__version__, "optax": optax.__version__,
+    }
+
+
+def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dict,
+          progress=None) -> RunResult:
+    """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
+
+    Args:
+      settings: epochs, lr, dtype, device, loss option and chunk length are read here.
+      x, y: training data, (N, 1) arrays of settings.dtype.
+      initial_weights: torch-layout state dict of settings.dtype.
+      progress: optional callable(epochs_done, last_loss), called once per chunk.
+
+    Returns:
+      RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite.
+    """
+    dtype = settings.dtype
+    enable_dtype(dtype)
+    device = resolve_device(settings.device)
+    graphdef, params = _put(initial_weights, settings.width, settings.depth, dtype, device)
+    opt_state = optax.sgd(settings.lr).init(params)
+    carry = (params, opt_state, jax.device_put(jnp.asarray(True), device))
+    xs, ys = jax.device_put(x, device), jax.device_put(y, device)
+    lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), device)
+    length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
+    n0 = jax.device_put(jnp.asarray(length, dtype=jnp.int32), device)
+
+    t0 = time.perf_counter()
+    key = ("chunk", graphdef, length, settings.full, _signature((carry, xs, ys, lr)), device)
+    run_chunk = _compile(_chunk_jit, key, graphdef, length, settings.full, carry, xs, ys, lr, n0)
+    fkey = ("forward", graphdef, settings.full, _signature((params, xs, ys)), device)
+    forward = _compile(_forward_jit, fkey, graphdef, settings.full, params, xs, ys)
+    compile_s = time.perf_counter() - t0
+
+    history = np.full(settings.epochs, np.nan)
+    pending: list = []
+    diverged = None
+    t0 = time.perf_counter()
+
+    def consume():
+        nonlocal diverged
+        start, n, losses = pending.pop(0)
+        part = np.asarray(losses)[:n]  # the only host sync: once per chunk
+        history[start:start + n] = part
+        bad = first_nonfinite(part)
+        if bad is not None:
+            diverged = start + bad
+        elif progress is not None:
+            progress(start + n, float(part[-1]))
+
+    for c in range(count):
+        start = c * length
+        n = min(length, settings.epochs - start)
+        carry, losses = run_chunk(carry, xs, ys, lr, jnp.asarray(n, dtype=jnp.int32))
+        pending.append((start, n, losses))
+        if len(pending) > 1:  # read chunk c-1 while chunk c runs
+            consume()
+        if diverged is not None:
+            break
+    while pending and diverged is None:
+        consume()
+    params = carry[0]
+    jax.block_until_ready(params)
+    train_s = time.perf_counter() - t0
+    if diverged is not None:
+        raise TrainingDiverged(FRAMEWORK, diverged, float(history[diverged]))
+
+    mu, var, loss = forward(params, xs, ys)
+    return RunResult(
+        framework=FRAMEWORK, device=describe(device), dtype=dtype,
+        loss_history=history.astype(dtype), initial_weights=dict(initial_weights),
+        weights=to_state_dict(params), mu=np.asarray(mu)[:, 0], var=np.asarray(var)[:, 0],
+        final_loss=float(loss), compile_s=compile_s, train_s=train_s, versions=versions(),
+        loop="scan",
+    )

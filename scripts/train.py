@@ -1,0 +1,11 @@
+"""Train the lecture's heteroscedastic model: `python scripts/train.py --help`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hetcore.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

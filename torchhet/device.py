@@ -1,0 +1,33 @@
+"""Choosing the device: --device auto|cpu|gpu|tpu; mirrors jaxhet/device.py."""
+
+from __future__ import annotations
+
+import torch
+
+from hetcore.errors import UsageError
+
+
+def available() -> list[str]:
+    """The platforms present, best first."""
+    return (["gpu"] if torch.cuda.is_available() else []) + ["cpu"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """cuda:0 for gpu (and for auto when CUDA is present), else cpu."""
+    if name == "auto":
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if name in ("gpu", "tpu"):
+        raise UsageError(
+            f"--device {name}: not available to torch; available: {', '.join(available())}"
+        )
+    raise UsageError(f"--device {name}: unknown device; choose auto, cpu, gpu or tpu")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return "cpu:0 (cpu)"

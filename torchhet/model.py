@@ -1,0 +1,49 @@
+"""The two-headed network and its loss, in PyTorch; mirrors jaxhet/model.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetcore.settings import EPS
+
+softplus = torch.nn.functional.softplus  # beta 1, threshold 20; jaxhet.model mirrors it
+
+
+class HeteroscedasticMLP(torch.nn.Module):
+    """The lecture's NormalModel with `depth` and `width` as arguments.
+
+    Modules are created in the lecture's order, so that under the same torch seed the
+    default initialisation draws the lecture's weights.
+    """
+
+    def __init__(self, width: int = 512, depth: int = 2, *, dtype=torch.float32,
+                 in_features: int = 1):
+        super().__init__()
+        trunk = []
+        fan_in = in_features
+        for _ in range(depth):
+            trunk += [torch.nn.Linear(fan_in, width, dtype=dtype), torch.nn.ReLU()]
+            fan_in = width
+        self.layers = torch.nn.Sequential(*trunk)
+        self.mean_head = torch.nn.Linear(width, 1, dtype=dtype)
+        self.var_head = torch.nn.Linear(width, 1, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.layers(x)  # (N, width)
+        mu = self.mean_head(features)  # (N, 1)
+        var = softplus(self.var_head(features)) + EPS  # (N, 1)
+        return mu, var
+
+
+def gaussian_nll(mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor,
+                 full: bool = False) -> torch.Tensor:
+    """The lecture's loss: mean of log(var)/2 + (target - mu)**2 / (2 var).
+
+    With `full`, adds 0.5*log(2*pi) as torch.nn.GaussianNLLLoss(full=True) does.
+    """
+    loss = (torch.log(var) / 2 + (target - mu) ** 2 / (2 * var)).mean()
+    if full:
+        loss = loss + 0.5 * math.log(2 * math.pi)
+    return loss

@@ -1,0 +1,169 @@
+"""Training: the lecture's SGD loop, synced with the host once per chunk of epochs.
+
+Mirrors jaxhet/train.py. A run is a pure function of (settings, data, initial weights).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+import torch
+
+from hetcore.errors import TrainingDiverged
+from hetcore.interchange import architecture
+from hetcore.results import RunResult, chunk_plan, first_nonfinite
+from hetcore.settings import Settings
+from torchhet.device import describe, resolve_device
+from torchhet.model import HeteroscedasticMLP, gaussian_nll
+from torchhet.weights import from_state_dict, to_state_dict
+
+FRAMEWORK = "torch"
+LOOPS = ("eager", "optim")
+
+
+def enable_dtype(dtype: str) -> None:
+    """Full float32 matrix products (no TF32) on every device (SPEC section 4)."""
+    torch.set_float32_matmul_precision("highest")
+
+
+def _dtype(dtype: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[dtype]
+
+
+def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.ndarray]:
+    """Initial weights drawn from `seed` with torch's default law, as a state dict.
+
+    A local generator keeps the global RNG untouched: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for weights and biases is what nn.Linear.reset_parameters draws.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = HeteroscedasticMLP(width, depth, dtype=_dtype(dtype))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                bound = 1.0 / module.in_features ** 0.5
+                module.weight.uniform_(-bound, bound, generator=gen)
+                module.bias.uniform_(-bound, bound, generator=gen)
+    return to_state_dict(model)
+
+
+def _build(weights: dict, dtype: str, device: torch.device) -> HeteroscedasticMLP:
+    width, depth = architecture(weights)
+    model = HeteroscedasticMLP(width, depth, dtype=_dtype(dtype))
+    from_state_dict({n: np.asarray(a, dtype=dtype) for n, a in weights.items()}, model)
+    return model.to(device)
+
+
+def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = False,
+            y: np.ndarray | None = None):
+    """(mu, var, loss) as numpy for a state dict and inputs x (N, 1); loss needs y."""
+    dtype = str(np.asarray(x).dtype)
+    enable_dtype(dtype)
+    dev = resolve_device(device)
+    model = _build(weights, dtype, dev)
+    with torch.no_grad():
+        xs = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+        mu, var = model(xs)
+        loss = None
+        if y is not None:
+            loss = float(gaussian_nll(mu, var, torch.from_numpy(np.ascontiguousarray(y)).to(dev), full))
+    return mu.cpu().numpy(), var.cpu().numpy(), loss
+
+
+def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "auto",
+                  full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and the gradient of every parameter, gradients as a state dict."""
+    dtype = str(np.asarray(x).dtype)
+    enable_dtype(dtype)
+    dev = resolve_device(device)
+    model = _build(weights, dtype, dev)
+    mu, var = model(torch.from_numpy(np.ascontiguousarray(x)).to(dev))
+    loss = gaussian_nll(mu, var, torch.from_numpy(np.ascontiguousarray(y)).to(dev), full)
+    loss.backward()
+    grads = {n: p.grad.detach().cpu().numpy().copy() for n, p in model.named_parameters()}
+    return float(loss), grads
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}
+
+
+def _manual_step(model, x, y, lr: float, full: bool) -> torch.Tensor:
+    """The lecture's epoch: forward, backward, `param.data -= param.grad * lr`."""
+    model.zero_grad()
+    mu, var = model(x)
+    loss = gaussian_nll(mu, var, y, full)
+    loss.backward()
+    for param in model.parameters():
+        param.data -= param.grad * lr
+        param.grad = None
+    return loss.detach()
+
+
+def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dict,
+          progress=None, loop: str = "eager") -> RunResult:
+    """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
+
+    Args:
+      settings: epochs, lr, dtype, device, loss option and chunk length are read here.
+      x, y: training data, (N, 1) arrays of settings.dtype.
+      initial_weights: state dict of settings.dtype.
+      progress: optional callable(epochs_done, last_loss), called once per chunk.
+      loop: "eager", the lecture's manual update, or "optim", torch.optim.SGD.
+
+    Returns:
+      RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite.
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    dtype = settings.dtype
+    enable_dtype(dtype)
+    device = resolve_device(settings.device)
+    model = _build(initial_weights, dtype, device)
+    xs = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    ys = torch.from_numpy(np.ascontiguousarray(y)).to(device)
+    length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
+    if loop == "optim":
+        opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            mu, var = model(xs)
+            loss = gaussian_nll(mu, var, ys, settings.full)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+    else:
+        def step():
+            return _manual_step(model, xs, ys, settings.lr, settings.full)
+
+    history = np.full(settings.epochs, np.nan)
+    losses = torch.empty(length, dtype=_dtype(dtype), device=device)
+    t0 = time.perf_counter()
+    for c in range(count):
+        start = c * length
+        n = min(length, settings.epochs - start)
+        for i in range(n):
+            losses[i] = step()  # stays on the device; read once per chunk
+        part = losses[:n].cpu().numpy()
+        history[start:start + n] = part
+        bad = first_nonfinite(part)
+        if bad is not None:
+            raise TrainingDiverged(FRAMEWORK, start + bad, float(part[bad]))
+        if progress is not None:
+            progress(start + n, float(part[-1]))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_s = time.perf_counter() - t0
+
+    with torch.no_grad():
+        mu, var = model(xs)
+        loss = gaussian_nll(mu, var, ys, settings.full)
+    return RunResult(
+        framework=FRAMEWORK, device=describe(device), dtype=dtype,
+        loss_history=history.astype(dtype), initial_weights=dict(initial_weights),
+        weights=to_state_dict(model), mu=mu[:, 0].cpu().numpy(), var=var[:, 0].cpu().numpy(),
+        final_loss=float(loss), compile_s=0.0, train_s=train_s, versions=versions(), loop=loop,
+    )
