@@ -167,7 +167,7 @@ def read(path: str, dtype: str = "float64") -> Dataset:
         if bad.any():
             i = int(np.argmax(bad))
             raise UsageError(
-                f"--data {path}: {name}[{i}] = {a[i]!r} is not a finite {dtype} number"
+                f"--data {path}: {name}[{i}] = {float(a[i])!r} is not a finite {dtype} number"
             )
     return Dataset(
         x=x.astype(np.float64), y=y.astype(np.float64), source=os.path.abspath(path),

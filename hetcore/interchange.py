@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from hetcore.errors import UsageError
+from hetcore.settings import LECTURE
 
 PRESET_FILE = "lecture.safetensors"
 
@@ -96,7 +97,7 @@ def read_weights(path: str, width: int, depth: int, dtype: str) -> dict[str, np.
     """Read and check an interchange file against the requested architecture and dtype."""
     state = read(path)
     check(state, width, depth, dtype, label=f"--init-from {path}")
-    return state
+    return {n: state[n] for n in names(depth)}  # module order
 
 
 def read_preset() -> dict[str, np.ndarray]:
@@ -109,7 +110,7 @@ def read_preset() -> dict[str, np.ndarray]:
 def lecture_weights() -> dict[str, np.ndarray]:
     """The lecture's initial weights (float32, torch layout)."""
     tensors = read_preset()
-    return {n: tensors[n] for n in names(2)}
+    return {n: tensors[n] for n in names(LECTURE["depth"])}
 
 
 def cast(state: dict, dtype: str) -> dict[str, np.ndarray]:

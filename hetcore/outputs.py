@@ -104,9 +104,8 @@ def write_predictions(path: str, x: np.ndarray, mu: np.ndarray, sigma: np.ndarra
     included, since every float32 is a float64)."""
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write("x,mu,sigma\n")
-        for a, b, c in zip(np.asarray(x, np.float64).reshape(-1), np.asarray(mu, np.float64),
-                           np.asarray(sigma, np.float64)):
-            f.write(f"{a!r},{b!r},{c!r}\n")
+        columns = (np.asarray(a, np.float64).reshape(-1).tolist() for a in (x, mu, sigma))
+        f.writelines(f"{a!r},{b!r},{c!r}\n" for a, b, c in zip(*columns))
 
 
 def read_predictions(path: str) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from hetcore.errors import UsageError
+from hetcore.interchange import names
 
 
 def flax_path(name: str) -> tuple:
@@ -39,13 +40,8 @@ def to_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
         a = np.asarray(jax.device_get(var.get_value() if hasattr(var, "get_value") else var))
         name = torch_name(path)
         out[name] = np.ascontiguousarray(a.T) if path[-1] == "kernel" else a
-    order = sorted(out, key=lambda n: (n.split(".")[0] != "layers", _index(n), n))
-    return {n: out[n] for n in order}
-
-
-def _index(name: str) -> int:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "layers" else 0
+    depth = sum(1 for n in out if n.startswith("layers.") and n.endswith(".weight"))
+    return {n: out[n] for n in names(depth)}
 
 
 def from_state_dict(state: dict, abstract: nnx.State) -> nnx.State:

@@ -49,6 +49,11 @@ def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.
     return to_state_dict(model)
 
 
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy on `device` (numpy arrays may be read-only or non-contiguous)."""
+    return torch.tensor(np.asarray(a), device=device)
+
+
 def _build(weights: dict, dtype: str, device: torch.device) -> HeteroscedasticMLP:
     width, depth = architecture(weights)
     model = HeteroscedasticMLP(width, depth, dtype=_dtype(dtype))
@@ -64,11 +69,11 @@ def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = Fal
     dev = resolve_device(device)
     model = _build(weights, dtype, dev)
     with torch.no_grad():
-        xs = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+        xs = _tensor(x, dev)
         mu, var = model(xs)
         loss = None
         if y is not None:
-            loss = float(gaussian_nll(mu, var, torch.from_numpy(np.ascontiguousarray(y)).to(dev), full))
+            loss = float(gaussian_nll(mu, var, _tensor(y, dev), full))
     return mu.cpu().numpy(), var.cpu().numpy(), loss
 
 
@@ -79,11 +84,11 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
     enable_dtype(dtype)
     dev = resolve_device(device)
     model = _build(weights, dtype, dev)
-    mu, var = model(torch.from_numpy(np.ascontiguousarray(x)).to(dev))
-    loss = gaussian_nll(mu, var, torch.from_numpy(np.ascontiguousarray(y)).to(dev), full)
+    mu, var = model(_tensor(x, dev))
+    loss = gaussian_nll(mu, var, _tensor(y, dev), full)
     loss.backward()
     grads = {n: p.grad.detach().cpu().numpy().copy() for n, p in model.named_parameters()}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def versions() -> dict:
@@ -122,8 +127,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     enable_dtype(dtype)
     device = resolve_device(settings.device)
     model = _build(initial_weights, dtype, device)
-    xs = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-    ys = torch.from_numpy(np.ascontiguousarray(y)).to(device)
+    xs = _tensor(x, device)
+    ys = _tensor(y, device)
     length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
     if loop == "optim":
         opt = torch.optim.SGD(model.parameters(), lr=settings.lr)

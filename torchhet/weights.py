@@ -31,6 +31,7 @@ def from_state_dict(state: dict, model: torch.nn.Module) -> torch.nn.Module:
                 f"weights: tensor '{name}' has shape {tuple(np.shape(state[name]))}, "
                 f"expected {tuple(own[name].shape)}"
             )
-    tensors = {n: torch.from_numpy(np.ascontiguousarray(state[n])).to(own[n].dtype) for n in own}
+    # A copy: arrays read from files are read-only, and torch tensors must own writable memory.
+    tensors = {n: torch.from_numpy(np.array(state[n], copy=True)).to(own[n].dtype) for n in own}
     model.load_state_dict(tensors, strict=True)
     return model
