@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--chunk-epochs", type=int, default=d.chunk_epochs,
                    help="epochs per compiled chunk (one host sync and progress update each)")
+    p.add_argument("--loop", default=d.loop, metavar="NAME",
+                   help="training loop: jax scan|step, torch eager|optim|compile|cudagraph|"
+                   "reduce-overhead; auto (default) takes the device's fastest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -62,7 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         framework=args.framework, device=args.device, preset=args.preset, epochs=args.epochs,
         lr=args.lr, seed=args.seed, n_points=args.n_points, width=args.width, depth=args.depth,
         dtype=args.dtype, full=args.full, data=args.data, init_from=args.init_from,
-        chunk_epochs=args.chunk_epochs,
+        chunk_epochs=args.chunk_epochs, loop=args.loop,
     )
 
 

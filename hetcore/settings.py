@@ -12,6 +12,10 @@ FRAMEWORKS = ("jax", "torch", "both")
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 PRESETS = ("lecture", "none")
 DTYPES = ("float32", "float64")
+# Training loops per framework (jaxhet.loops, torchhet.loops); "auto" picks the device's
+# fastest. Named here so that settings are checked before either framework is imported.
+LOOPS = {"jax": ("scan", "step"),
+         "torch": ("eager", "optim", "compile", "cudagraph", "reduce-overhead")}
 
 # The lecture's run (SPEC section 1).
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")
@@ -30,6 +34,7 @@ class Settings:
         `seed`.
       seed: None means "the preset's own" (the lecture's data and weights; for "none", 0).
       chunk_epochs: epochs per compiled chunk; the progress bar moves once per chunk.
+      loop: the training loop (LOOPS), "auto" for the device's fastest.
     """
 
     framework: str = "jax"
@@ -46,6 +51,7 @@ class Settings:
     data: str | None = None
     init_from: str | None = None
     chunk_epochs: int = 100
+    loop: str = "auto"
 
     def __post_init__(self):
         validate(self)
@@ -117,5 +123,11 @@ def validate(s: Settings) -> None:
         raise UsageError(f"--lr: expected a number, got {s.lr!r}")
     if not math.isfinite(s.lr) or s.lr <= 0:
         raise UsageError(f"--lr: must be finite and positive, got {s.lr}")
+    if s.loop != "auto":
+        for fw in ("jax", "torch") if s.framework == "both" else (s.framework,):
+            if s.loop not in LOOPS[fw]:
+                raise UsageError(
+                    f"--loop {s.loop}: not a {fw} loop; {fw} has auto, {', '.join(LOOPS[fw])}"
+                )
     if not isinstance(s.full, bool):
         raise UsageError(f"--full: expected a boolean, got {s.full!r}")

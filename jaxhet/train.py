@@ -1,4 +1,5 @@
-"""Training: the whole run is jit-compiled `lax.scan` over epochs, dispatched in chunks.
+"""Training: the whole run is jit-compiled `lax.scan` over epochs, dispatched in chunks
+(jaxhet.loops holds the loops).
 
 Mirrors torchhet/train.py. A run is a pure function of (settings, data, initial weights):
 the compiled chunk takes weights, data and learning rate as arguments, so new values never
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import platform
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from hetcore.interchange import architecture
 from hetcore.results import RunResult, chunk_plan, first_nonfinite
 from hetcore.settings import Settings
 from jaxhet.device import describe, resolve_device
+from jaxhet.loops import signature, compile_once, default_loop, loss_fn, make_runner
 from jaxhet.model import HeteroscedasticMLP, gaussian_nll
 from jaxhet.weights import from_state_dict, to_state_dict
 
@@ -51,59 +52,12 @@ def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.
     return to_state_dict(nnx.state(model, nnx.Param))
 
 
-def _loss(params, graphdef, x, y, full):
-    mu, var = nnx.merge(graphdef, params)(x)
-    return gaussian_nll(mu, var, y, full)
-
-
-def _chunk(graphdef, length: int, full: bool, carry, x, y, lr, n_active):
-    """`length` SGD epochs as one lax.scan; epochs from `n_active` on are masked.
-
-    carry = (params, opt_state, ok). An epoch whose loss is not finite applies no update
-    and clears `ok`, so the weights stay those of the last finite step and the host finds
-    the bad epoch in the returned losses without a sync every epoch.
-    """
-    tx = optax.sgd(lr)
-
-    def epoch(carry, i):
-        params, opt_state, ok = carry
-        loss, grads = jax.value_and_grad(_loss)(params, graphdef, x, y, full)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss)
-        apply = ok & (i < n_active) & finite
-        keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        ok = ok & (finite | (i >= n_active))
-        return (params, opt_state, ok), loss
-
-    return jax.lax.scan(epoch, carry, jnp.arange(length))
-
-
-_chunk_jit = jax.jit(_chunk, static_argnums=(0, 1, 2), donate_argnums=(3,))
-
-
 def _forward(graphdef, full: bool, params, x, y):
     mu, var = nnx.merge(graphdef, params)(x)
     return mu, var, gaussian_nll(mu, var, y, full)
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
-
-_compiled: dict = {}
-
-
-def _compile(fn, key, *args):
-    """Ahead-of-time compile, cached by everything that shapes the program (never values)."""
-    if key not in _compiled:
-        _compiled[key] = fn.lower(*args).compile()
-    return _compiled[key]
-
-
-def _signature(a) -> tuple:
-    return tuple((l.shape, str(l.dtype)) for l in jax.tree.leaves(a))
-
 
 def _put(state: dict, width: int, depth: int, dtype: str, device):
     graphdef, abstract = _abstract(width, depth, dtype)
@@ -133,7 +87,7 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
     dev = resolve_device(device)
     width, depth = architecture(weights)
     graphdef, params = _put(weights, width, depth, dtype, dev)
-    loss, grads = jax.jit(jax.value_and_grad(_loss), static_argnums=(1, 4))(
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4))(
         params, graphdef, jax.device_put(x, dev), jax.device_put(y, dev), full
     )
     return float(loss), to_state_dict(grads)
@@ -154,7 +108,7 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
 
     Args:
-      settings: epochs, lr, dtype, device, loss option and chunk length are read here.
+      settings: epochs, lr, dtype, device, loss option, chunk length and loop are read here.
       x, y: training data, (N, 1) arrays of settings.dtype.
       initial_weights: torch-layout state dict of settings.dtype.
       progress: optional callable(epochs_done, last_loss), called once per chunk.
@@ -171,14 +125,14 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     xs, ys = jax.device_put(x, device), jax.device_put(y, device)
     lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), device)
     length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
-    n0 = jax.device_put(jnp.asarray(length, dtype=jnp.int32), device)
 
+    loop = default_loop(device.platform) if settings.loop == "auto" else settings.loop
+    run_chunk, compile_s = make_runner(loop, graphdef, settings.full, length, carry, xs, ys, lr,
+                                       device)
     t0 = time.perf_counter()
-    key = ("chunk", graphdef, length, settings.full, _signature((carry, xs, ys, lr)), device)
-    run_chunk = _compile(_chunk_jit, key, graphdef, length, settings.full, carry, xs, ys, lr, n0)
-    fkey = ("forward", graphdef, settings.full, _signature((params, xs, ys)), device)
-    forward = _compile(_forward_jit, fkey, graphdef, settings.full, params, xs, ys)
-    compile_s = time.perf_counter() - t0
+    fkey = ("forward", graphdef, settings.full, signature((params, xs, ys)), device)
+    forward = compile_once(_forward_jit, fkey, graphdef, settings.full, params, xs, ys)
+    compile_s += time.perf_counter() - t0
 
     history = np.full(settings.epochs, np.nan)
     pending: list = []
@@ -199,7 +153,7 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     for c in range(count):
         start = c * length
         n = min(length, settings.epochs - start)
-        carry, losses = run_chunk(carry, xs, ys, lr, jnp.asarray(n, dtype=jnp.int32))
+        carry, losses = run_chunk(carry, n)
         pending.append((start, n, losses))
         if len(pending) > 1:  # read chunk c-1 while chunk c runs
             consume()
@@ -219,5 +173,5 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         loss_history=history.astype(dtype), initial_weights=dict(initial_weights),
         weights=to_state_dict(params), mu=np.asarray(mu)[:, 0], var=np.asarray(var)[:, 0],
         final_loss=float(loss), compile_s=compile_s, train_s=train_s, versions=versions(),
-        loop="scan",
+        loop=loop,
     )

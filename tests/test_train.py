@@ -82,9 +82,10 @@ def test_torch_optim_sgd_gives_the_lecture_update(small_state, small_data):
     # difference at accumulated-rounding level.
     state = small_state(width=16, depth=2, dtype="float64")
     x, y = small_data(n=40, dtype="float64")
-    s = Settings(device="cpu", preset="none", epochs=25, lr=0.05, width=16, dtype="float64")
-    manual = ttrain.train(s, x, y, state, loop="eager")
-    optim = ttrain.train(s, x, y, state, loop="optim")
+    s = Settings(framework="torch", device="cpu", preset="none", epochs=25, lr=0.05, width=16,
+                 dtype="float64")
+    manual = ttrain.train(s.replace(loop="eager"), x, y, state)
+    optim = ttrain.train(s.replace(loop="optim"), x, y, state)
     np.testing.assert_allclose(optim.loss_history, manual.loss_history, rtol=1e-13, atol=1e-14)
     for n in state:
         np.testing.assert_allclose(optim.weights[n], manual.weights[n], rtol=1e-12, atol=1e-14,
@@ -138,3 +139,20 @@ def test_float32_and_float64_runs_agree_early():
                        interchange.cast(w, "float64"))
     assert r64.loss_history.dtype == np.float64
     np.testing.assert_allclose(r32.loss_history, r64.loss_history, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fw,loops", [(jtrain, ("scan", "step")), (ttrain, ("eager", "optim"))],
+                         ids=["jax", "torch"])
+def test_every_loop_trains_the_same_run(fw, loops, small_state, small_data):
+    # Float64 so that a loop that differs only in rounding (optim's fused update) agrees to
+    # accumulated rounding, while a wrong loop (a skipped or doubled epoch) is far off.
+    state = small_state(width=8, depth=2, dtype="float64")
+    x, y = small_data(n=30, dtype="float64")
+    s = Settings(framework=fw.FRAMEWORK, device="cpu", preset="none", epochs=17, lr=0.05,
+                 width=8, dtype="float64", chunk_epochs=5)
+    runs = [fw.train(s.replace(loop=loop), x, y, state) for loop in loops]
+    for loop, r in zip(loops, runs):
+        assert r.loop == loop
+        np.testing.assert_allclose(r.loss_history, runs[0].loss_history, rtol=1e-13, atol=1e-14)
+        for n in state:
+            np.testing.assert_allclose(r.weights[n], runs[0].weights[n], rtol=1e-12, atol=1e-14)

@@ -16,11 +16,11 @@ from hetcore.interchange import architecture
 from hetcore.results import RunResult, chunk_plan, first_nonfinite
 from hetcore.settings import Settings
 from torchhet.device import describe, resolve_device
+from torchhet.loops import default_loop, make_runner
 from torchhet.model import HeteroscedasticMLP, gaussian_nll
 from torchhet.weights import from_state_dict, to_state_dict
 
 FRAMEWORK = "torch"
-LOOPS = ("eager", "optim")
 
 
 def enable_dtype(dtype: str) -> None:
@@ -95,34 +95,19 @@ def versions() -> dict:
     return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}
 
 
-def _manual_step(model, x, y, lr: float, full: bool) -> torch.Tensor:
-    """The lecture's epoch: forward, backward, `param.data -= param.grad * lr`."""
-    model.zero_grad()
-    mu, var = model(x)
-    loss = gaussian_nll(mu, var, y, full)
-    loss.backward()
-    for param in model.parameters():
-        param.data -= param.grad * lr
-        param.grad = None
-    return loss.detach()
-
-
 def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dict,
-          progress=None, loop: str = "eager") -> RunResult:
+          progress=None) -> RunResult:
     """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
 
     Args:
-      settings: epochs, lr, dtype, device, loss option and chunk length are read here.
+      settings: epochs, lr, dtype, device, loss option, chunk length and loop are read here.
       x, y: training data, (N, 1) arrays of settings.dtype.
       initial_weights: state dict of settings.dtype.
       progress: optional callable(epochs_done, last_loss), called once per chunk.
-      loop: "eager", the lecture's manual update, or "optim", torch.optim.SGD.
 
     Returns:
       RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite.
     """
-    if loop not in LOOPS:
-        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
     dtype = settings.dtype
     enable_dtype(dtype)
     device = resolve_device(settings.device)
@@ -130,19 +115,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     xs = _tensor(x, device)
     ys = _tensor(y, device)
     length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
-    if loop == "optim":
-        opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            mu, var = model(xs)
-            loss = gaussian_nll(mu, var, ys, settings.full)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-    else:
-        def step():
-            return _manual_step(model, xs, ys, settings.lr, settings.full)
+    loop = default_loop(device.type) if settings.loop == "auto" else settings.loop
+    run_chunk, compile_s = make_runner(loop, model, xs, ys, settings.lr, settings.full)
 
     history = np.full(settings.epochs, np.nan)
     losses = torch.empty(length, dtype=_dtype(dtype), device=device)
@@ -150,8 +124,7 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     for c in range(count):
         start = c * length
         n = min(length, settings.epochs - start)
-        for i in range(n):
-            losses[i] = step()  # stays on the device; read once per chunk
+        run_chunk(n, losses)  # losses stay on the device; read once per chunk
         part = losses[:n].cpu().numpy()
         history[start:start + n] = part
         bad = first_nonfinite(part)
@@ -170,5 +143,5 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         framework=FRAMEWORK, device=describe(device), dtype=dtype,
         loss_history=history.astype(dtype), initial_weights=dict(initial_weights),
         weights=to_state_dict(model), mu=mu[:, 0].cpu().numpy(), var=var[:, 0].cpu().numpy(),
-        final_loss=float(loss), compile_s=0.0, train_s=train_s, versions=versions(), loop=loop,
+        final_loss=float(loss), compile_s=compile_s, train_s=train_s, versions=versions(), loop=loop,
     )
