@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from hetcore import data, interchange, outputs
+from hetcore import checkpoint, data, interchange, outputs
 from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.metrics import final_metrics
 from hetcore.results import RunResult
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", default=d.loop, metavar="NAME",
                    help="training loop: jax scan|step, torch eager|optim|compile|cudagraph|"
                    "reduce-overhead; auto (default) takes the device's fastest")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
+                   help="write DIR/checkpoint-<framework>.safetensors every K epochs (0: never)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its checkpoints, with its own settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -65,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         framework=args.framework, device=args.device, preset=args.preset, epochs=args.epochs,
         lr=args.lr, seed=args.seed, n_points=args.n_points, width=args.width, depth=args.depth,
         dtype=args.dtype, full=args.full, data=args.data, init_from=args.init_from,
-        chunk_epochs=args.chunk_epochs, loop=args.loop,
+        chunk_epochs=args.chunk_epochs, loop=args.loop, checkpoint_every=args.checkpoint_every,
     )
 
 
@@ -159,26 +163,89 @@ def summary(result: RunResult, metrics: dict) -> str:
     return line
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    out = args.out or outputs.default_out(settings.framework)
-    outputs.check_out(out, args.overwrite)
+# Options that shape a run; with --resume they come from the checkpoint.
+_RUN_OPTIONS = ("framework", "preset", "epochs", "lr", "seed", "n_points", "width", "depth",
+                "dtype", "full", "data", "init_from", "chunk_epochs", "loop", "checkpoint_every")
+
+
+def resume_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(settings, out, checkpoints by framework) for `--resume DIR`."""
+    out = args.resume
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(out):
+        raise UsageError(f"--resume {out}: the run continues in its own directory; drop --out")
+    if not os.path.isdir(out):
+        raise UsageError(f"--resume {out}: no such directory")
+    found = {fw: os.path.join(out, checkpoint.filename(fw)) for fw in ("jax", "torch")}
+    found = {fw: p for fw, p in found.items() if os.path.isfile(p)}
+    if not found:
+        raise UsageError(f"--resume {out}: holds no checkpoint (checkpoint-*.safetensors); "
+                         "was the run started with --checkpoint-every?")
+    ckpts = {fw: checkpoint.load(p) for fw, p in found.items()}
+    first = next(iter(ckpts.values()))
+    for fw, c in ckpts.items():
+        if c.settings != first.settings or c.framework != fw:
+            raise UsageError(f"--resume {out}: {checkpoint.filename(fw)} belongs to another run")
+    settings = Settings(**{**first.settings, "device": first.settings["device"]
+                           if args.device == parser.get_default("device") else args.device})
+    for name in _RUN_OPTIONS:
+        given, default = getattr(args, name), parser.get_default(name)
+        if given != default and given != getattr(settings, name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--resume {out}: {flag} {given} differs from the checkpoint's "
+                             f"{getattr(settings, name)}; the run keeps its own settings")
+    if any(os.path.exists(os.path.join(out, n)) for n in ("metrics.json", "parity.json")):
+        raise UsageError(f"--resume {out}: the run there has finished already")
+    return settings, out, ckpts
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    ckpts: dict = {}
+    if args.resume is not None:
+        settings, out, ckpts = resume_plan(args, parser)
+    else:
+        settings = settings_from_args(args)
+        out = args.out or outputs.default_out(settings.framework)
+        outputs.check_out(out, args.overwrite)
     dataset = data.for_settings(settings)
     x, y = dataset.columns(settings.dtype)
+    digest = checkpoint.data_digest(x, y)
+    for fw, c in ckpts.items():
+        if c.data_digest != digest:
+            raise UsageError(f"--resume {out}: the data differ from those the run started with "
+                             f"({dataset.source})")
     names = ["jax", "torch"] if settings.framework == "both" else [settings.framework]
     modules = {n: load_framework(n) for n in names}
-    devices = {n: m.resolve_device(settings.device) for n, m in modules.items()}  # fail early
-    del devices
-    weights, weights_source = initial_weights(settings, modules[names[0]])
-    config = {**settings.to_dict(), "data_source": dataset.source,
+    for m in modules.values():
+        m.resolve_device(settings.device)  # refuse an absent device before any work
+    if ckpts:
+        c = next(iter(ckpts.values()))
+        weights, weights_source = c.initial_weights, c.extra.get("init_source", "checkpoint")
+    else:
+        weights, weights_source = initial_weights(settings, modules[names[0]])
+    config = {**settings.to_dict(), "data_source": dataset.source, "data_sha256": digest,
               "init_source": weights_source, "n_points_used": int(x.shape[0]),
-              "out": os.path.abspath(out)}
+              "out": os.path.abspath(out), "resumed_from_epoch": {fw: c.epoch for fw, c in ckpts.items()}}
+
+    def saver(fw: str):
+        if not settings.checkpoint_every:
+            return None
+        path = os.path.join(out, checkpoint.filename(fw))
+
+        def save(epoch, weights_now, optimizer, history):
+            os.makedirs(out, exist_ok=True)
+            checkpoint.save(path, checkpoint.Checkpoint(
+                framework=fw, epoch=epoch, weights=weights_now, optimizer=optimizer,
+                loss_history=history, initial_weights=weights, settings=settings.to_dict(),
+                data_digest=digest, extra={"init_source": weights_source}))
+
+        return save
 
     results = {}
     for n, m in modules.items():
         bar = _Progress(f"{n} train", settings.epochs, not args.no_progress)
         try:
-            results[n] = m.train(settings, x, y, weights, progress=bar)
+            results[n] = m.train(settings, x, y, weights, progress=bar, resume=ckpts.get(n),
+                                 on_checkpoint=saver(n))
         finally:
             bar.close()
 
@@ -199,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
                 f"parity: max |loss gap| {report['loss_history']['max_abs']:.3g}, "
                 f"max |sigma gap| {report['sigma']['max_abs']:.3g}"
             )
+        if not settings.checkpoint_every:  # checkpoints of a run this one replaces
+            for fw in ("jax", "torch"):
+                stale = os.path.join(out, checkpoint.filename(fw))
+                if os.path.exists(stale):
+                    os.remove(stale)
     print("\n".join(lines))
     print(f"wrote {out}")
     return 0
@@ -208,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with "train.py: error: ..." on bad usage
     try:
-        return run(args)
-    except UsageError as e:
+        return run(args, parser)
+    except (UsageError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written to --out (checkpoints, if any, are kept)",
+              file=sys.stderr)
+        return 130

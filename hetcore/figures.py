@@ -38,34 +38,95 @@ def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None):
     return fig
 
 
-def parity_figure(jax_result, torch_result, x):
-    """Both loss curves, their gap per epoch (log scale), and both sigma bands."""
-    lj = np.asarray(jax_result.loss_history, dtype=np.float64)
-    lt = np.asarray(torch_result.loss_history, dtype=np.float64)
+def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=None,
+                  floor_gaps=None, bound=None, reference=None, band=None, data=None):
+    """Both loss curves; the gap per epoch (log scale) with the one-ulp floor; both bands.
+
+    Called as parity_figure(jax_result, torch_result, x) it compares two finished runs at
+    their training points x. The keyword arguments replace or add to what the results give:
+
+    Args:
+      axes: three axes to draw into (one row of a larger figure); default a new figure.
+      loss: (jax, torch) loss per epoch.
+      floor_gaps: per-epoch gaps of the one-ulp twin runs; drawn thin with their envelope.
+      bound: the per-epoch bound on the running gap (hetcore.parity.trajectory_bound).
+      reference: {"jax": ..., "torch": ...} float32 distances from the float64 run.
+      band: {"x", "mu_jax", "sigma_jax", "mu_torch", "sigma_torch"} on a dense grid.
+      data: (x, y) training points, drawn faintly under the bands.
+
+    Returns:
+      The figure that holds the axes.
+    """
+    if loss is None:
+        loss = (jax_result.loss_history, torch_result.loss_history)
+    if band is None:
+        xs = np.asarray(x, dtype=np.float64).reshape(-1)
+        band = {"x": xs, "mu_jax": jax_result.mu, "sigma_jax": jax_result.sigma,
+                "mu_torch": torch_result.mu, "sigma_torch": torch_result.sigma}
+    dtype = dtype or getattr(jax_result, "dtype", "")
+    lj, lt = (np.asarray(v, dtype=np.float64) for v in loss)
     epochs = np.arange(len(lj))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), dpi=110)
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=110)
+        own = True
+    else:
+        fig, own = axes[0].figure, False
+
     ax = axes[0]
-    ax.plot(epochs, lj, color=COLORS["jax"], label="jax")
-    ax.plot(epochs, lt, "--", color=COLORS["torch"], label="torch")
-    ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    ax.plot(epochs, lj, color=COLORS["jax"], linewidth=1.5, label="jax")
+    ax.plot(epochs, lt, "--", color=COLORS["torch"], linewidth=1.2, label="torch")
+    ax.set(xlabel="epoch", ylabel="loss", title=f"loss per epoch ({dtype})")
     ax.legend()
+
     ax = axes[1]
-    gap = np.abs(lj - lt)
-    ax.semilogy(epochs, np.where(gap > 0, gap, np.nan), color="black")
-    ax.set(xlabel="epoch", ylabel="|loss_jax - loss_torch|", title="gap per epoch (zeros omitted)")
+
+    def positive(v):  # log axes: zeros (identical values) are left out
+        v = np.asarray(v, dtype=np.float64)
+        return np.where(v > 0, v, np.nan)
+
+    if floor_gaps:
+        for k, g in enumerate(floor_gaps):
+            ax.semilogy(epochs, positive(g), color="#999999", linewidth=0.6, alpha=0.7,
+                        label="one-ulp twin gaps" if k == 0 else None)
+        env = np.max(np.stack([np.maximum.accumulate(np.asarray(g, np.float64))
+                               for g in floor_gaps]), axis=0)
+        ax.semilogy(epochs, positive(env), color="#555555", linewidth=1.5,
+                    label="one-ulp floor (running max)")
+    ax.semilogy(epochs, positive(np.abs(lj - lt)), color="black", linewidth=1.0,
+                label="|jax - torch|")
+    if bound is not None:
+        ax.semilogy(epochs, positive(bound), ":", color="#C2452D", linewidth=1.5,
+                    label="bound on running gap")
+    if reference is not None:
+        ax.semilogy(epochs, positive(reference["jax"]), color=COLORS["jax"], linewidth=0.8,
+                    alpha=0.8, label="|jax - float64 ref|")
+        ax.semilogy(epochs, positive(reference["torch"]), color=COLORS["torch"],
+                    linewidth=0.8, alpha=0.8, label="|torch - float64 ref|")
+    ax.set(xlabel="epoch", ylabel="loss gap", title="gap per epoch (zeros omitted)")
+    ax.legend(fontsize=7, loc="upper left")
+
     ax = axes[2]
-    order = np.argsort(np.asarray(x).reshape(-1), kind="stable")
-    xs = np.asarray(x, dtype=np.float64).reshape(-1)[order]
-    sj, st = jax_result.sigma[order], torch_result.sigma[order]
-    ax.plot(xs, sj, color=COLORS["jax"], label=r"$\sigma$ jax")
-    ax.plot(xs, st, "--", color=COLORS["torch"], label=r"$\sigma$ torch")
+    order = np.argsort(np.asarray(band["x"], np.float64), kind="stable")
+    xs = np.asarray(band["x"], np.float64)[order]
+    mj, sj, mt, st = (np.asarray(band[k], np.float64)[order]
+                      for k in ("mu_jax", "sigma_jax", "mu_torch", "sigma_torch"))
+    if data is not None:
+        ax.scatter(np.asarray(data[0]), np.asarray(data[1]), s=4, color=COLORS["data"],
+                   alpha=0.3, zorder=1)
+    ax.fill_between(xs, mj - 2 * sj, mj + 2 * sj, color=COLORS["band"], alpha=0.5,
+                    linewidth=0, label=r"jax $\mu \pm 2\sigma$", zorder=2)
+    ax.plot(xs, mt - 2 * st, "--", color=COLORS["torch"], linewidth=1.0,
+            label=r"torch $\mu \pm 2\sigma$", zorder=3)
+    ax.plot(xs, mt + 2 * st, "--", color=COLORS["torch"], linewidth=1.0, zorder=3)
+    ax.set(xlabel="x", ylabel="y", title=r"fitted bands $\mu \pm 2\sigma$")
+    ax.legend(loc="upper left", fontsize=8)
     twin = ax.twinx()
-    twin.semilogy(xs, np.abs(sj - st) + 1e-300, color="gray", linewidth=0.8)
-    twin.set_ylabel(r"$|\Delta\sigma|$", color="gray")
-    ax.set(xlabel="x", ylabel=r"$\sigma(x)$", title="fitted noise level")
-    ax.legend(loc="upper left")
-    fig.suptitle(f"jax vs torch ({jax_result.dtype}, {len(lj)} epochs)")
-    fig.tight_layout()
+    twin.semilogy(xs, positive(np.abs(sj - st)), color="gray", linewidth=0.8)
+    twin.set_ylabel(r"$|\sigma_{jax} - \sigma_{torch}|$ (gray)", color="gray")
+
+    if own:
+        fig.suptitle(f"jax vs torch ({dtype}, {len(lj)} epochs)")
+        fig.tight_layout()
     return fig
 
 
@@ -74,7 +135,9 @@ def save(fig, stem: str, formats=("png", "svg")) -> list[str]:
     paths = []
     for fmt in formats:
         path = f"{stem}.{fmt}"
-        fig.savefig(path, format=fmt)
+        # No date and fixed element ids: the same run writes the same bytes.
+        with matplotlib.rc_context({"svg.hashsalt": "jaxhet"}):
+            fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
         paths.append(path)
     plt.close(fig)
     return paths

@@ -19,6 +19,7 @@ from hetcore.errors import UsageError
 from hetcore.settings import LECTURE
 
 PRESET_FILE = "lecture.safetensors"
+METADATA_KEY = "jaxhet"
 
 
 def names(depth: int) -> list[str]:
@@ -69,10 +70,16 @@ def check(state: dict, width: int, depth: int, dtype: str, label: str = "weights
 
 
 def write(path: str, state: dict, metadata: dict | None = None) -> None:
-    """Write a state dict as safetensors, tensors in module order."""
-    ordered = {n: np.ascontiguousarray(state[n]) for n in state}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file(ordered, path, metadata=meta or None)
+    """Write tensors as safetensors: a state dict in module order, anything else sorted by
+    name, so that the same tensors always give the same bytes."""
+    depth = sum(1 for n in state if n.startswith("layers.") and n.endswith(".weight"))
+    order = [n for n in names(depth) if n in state] if depth else []
+    order += sorted(n for n in state if n not in order)
+    ordered = {n: np.ascontiguousarray(state[n]) for n in order}
+    # One metadata entry: safetensors keeps metadata in a hash map whose order varies from
+    # process to process, so several entries would make the same file differ in bytes.
+    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
+    save_file(ordered, path, metadata=meta)
 
 
 def read(path: str, label: str = "--init-from") -> dict[str, np.ndarray]:
@@ -91,6 +98,15 @@ def read(path: str, label: str = "--init-from") -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"{label} {path}: not a valid safetensors file ({msg})") from None
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata `write` stored (an empty dict if none)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
 
 
 def read_weights(path: str, width: int, depth: int, dtype: str) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from hetcore.errors import UsageError
 RUN_FILES = ("metrics.json", "predictions.csv", "initial_weights.safetensors",
              "weights.safetensors", "fit.png", "fit.svg")
 BOTH_FILES = ("parity.json", "parity.png", "parity.svg", "jax", "torch")
+CHECKPOINTS = ("checkpoint-jax.safetensors", "checkpoint-torch.safetensors")
 
 
 def default_out(framework: str, root: str = "runs") -> str:
@@ -42,6 +43,12 @@ def check_out(out: str, overwrite: bool) -> None:
         if held:
             raise UsageError(
                 f"--out {out}: already holds a run ({held[0]}); pass --overwrite to replace it"
+            )
+        unfinished = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out, n))]
+        if unfinished:
+            raise UsageError(
+                f"--out {out}: holds an unfinished run ({unfinished[0]}); continue it with "
+                f"--resume {out}, or pass --overwrite to replace it"
             )
     parent = os.path.dirname(os.path.abspath(out))
     existing = parent

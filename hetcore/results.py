@@ -42,6 +42,13 @@ def chunk_plan(epochs: int, chunk_epochs: int) -> tuple[int, int]:
     return math.ceil(epochs / count), count
 
 
+def chunk_length(epochs: int, chunk_epochs: int, checkpoint_every: int = 0) -> int:
+    """Compiled chunk length of a run: chunks never cross a checkpoint, so with checkpoints
+    every K epochs the length divides the K-epoch segment as evenly as it can."""
+    span = min(checkpoint_every, epochs) if checkpoint_every else epochs
+    return chunk_plan(span, chunk_epochs)[0]
+
+
 def first_nonfinite(losses: np.ndarray) -> int | None:
     bad = ~np.isfinite(losses)
     return int(np.argmax(bad)) if bad.any() else None

@@ -35,6 +35,7 @@ class Settings:
       seed: None means "the preset's own" (the lecture's data and weights; for "none", 0).
       chunk_epochs: epochs per compiled chunk; the progress bar moves once per chunk.
       loop: the training loop (LOOPS), "auto" for the device's fastest.
+      checkpoint_every: write a checkpoint every this many epochs (0: never).
     """
 
     framework: str = "jax"
@@ -52,6 +53,7 @@ class Settings:
     init_from: str | None = None
     chunk_epochs: int = 100
     loop: str = "auto"
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         validate(self)
@@ -115,6 +117,7 @@ def validate(s: Settings) -> None:
     _check_int("--width", s.width, 1)
     _check_int("--depth", s.depth, 1)
     _check_int("--chunk-epochs", s.chunk_epochs, 1)
+    _check_int("--checkpoint-every", s.checkpoint_every, 0)
     if s.seed is not None:
         _check_int("--seed", s.seed, 0)
         if s.seed >= 2**32:

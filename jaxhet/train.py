@@ -17,9 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hetcore.errors import TrainingDiverged
+from hetcore.checkpoint import Checkpoint, spans
+from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.interchange import architecture
-from hetcore.results import RunResult, chunk_plan, first_nonfinite
+from hetcore.results import RunResult, chunk_length, first_nonfinite
 from hetcore.settings import Settings
 from jaxhet.device import describe, resolve_device
 from jaxhet.loops import signature, compile_once, default_loop, loss_fn, make_runner
@@ -104,14 +105,19 @@ def versions() -> dict:
 
 
 def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dict,
-          progress=None) -> RunResult:
+          progress=None, resume: Checkpoint | None = None, on_checkpoint=None) -> RunResult:
     """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
 
     Args:
-      settings: epochs, lr, dtype, device, loss option, chunk length and loop are read here.
+      settings: epochs, lr, dtype, device, loss option, chunk length, loop and checkpoint
+        interval are read here.
       x, y: training data, (N, 1) arrays of settings.dtype.
       initial_weights: torch-layout state dict of settings.dtype.
       progress: optional callable(epochs_done, last_loss), called once per chunk.
+      resume: a checkpoint of this run to continue from (its epoch, weights, optimiser state
+        and loss history); the result is that of the uninterrupted run, bit for bit.
+      on_checkpoint: callable(epoch, weights, optimizer, loss_history), called every
+        settings.checkpoint_every epochs (and at the end) with host copies.
 
     Returns:
       RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite.
@@ -119,12 +125,25 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     dtype = settings.dtype
     enable_dtype(dtype)
     device = resolve_device(settings.device)
-    graphdef, params = _put(initial_weights, settings.width, settings.depth, dtype, device)
+    start_weights = initial_weights if resume is None else resume.weights
+    graphdef, params = _put(start_weights, settings.width, settings.depth, dtype, device)
     opt_state = optax.sgd(settings.lr).init(params)
+    opt_leaves, opt_tree = jax.tree.flatten(opt_state)
+    history = np.full(settings.epochs, np.nan)
+    first = 0
+    if resume is not None:
+        first = resume.epoch
+        history[:first] = resume.loss_history
+        if len(resume.optimizer) != len(opt_leaves):
+            raise UsageError(f"--resume: optimizer state has {len(resume.optimizer)} tensors, "
+                             f"expected {len(opt_leaves)}")
+        opt_state = jax.device_put(
+            jax.tree.unflatten(opt_tree, [resume.optimizer[str(i)] for i in range(len(opt_leaves))]),
+            device)
     carry = (params, opt_state, jax.device_put(jnp.asarray(True), device))
     xs, ys = jax.device_put(x, device), jax.device_put(y, device)
     lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), device)
-    length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
+    length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
 
     loop = default_loop(device.platform) if settings.loop == "auto" else settings.loop
     run_chunk, compile_s = make_runner(loop, graphdef, settings.full, length, carry, xs, ys, lr,
@@ -134,7 +153,6 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     forward = compile_once(_forward_jit, fkey, graphdef, settings.full, params, xs, ys)
     compile_s += time.perf_counter() - t0
 
-    history = np.full(settings.epochs, np.nan)
     pending: list = []
     diverged = None
     t0 = time.perf_counter()
@@ -150,12 +168,19 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         elif progress is not None:
             progress(start + n, float(part[-1]))
 
-    for c in range(count):
-        start = c * length
-        n = min(length, settings.epochs - start)
+    for start, n, checkpoint_after in spans(first, settings.epochs, length,
+                                            settings.checkpoint_every):
         carry, losses = run_chunk(carry, n)
         pending.append((start, n, losses))
-        if len(pending) > 1:  # read chunk c-1 while chunk c runs
+        if checkpoint_after and on_checkpoint is not None:
+            while pending and diverged is None:
+                consume()
+            if diverged is None:  # a diverged chunk never replaces the last good checkpoint
+                on_checkpoint(start + n, to_state_dict(carry[0]),
+                              {str(i): np.asarray(a) for i, a in
+                               enumerate(jax.tree.leaves(carry[1]))},
+                              history[:start + n].astype(dtype))
+        elif len(pending) > 1:  # read chunk c-1 while chunk c runs
             consume()
         if diverged is not None:
             break

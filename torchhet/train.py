@@ -11,9 +11,10 @@ import time
 import numpy as np
 import torch
 
-from hetcore.errors import TrainingDiverged
+from hetcore.checkpoint import Checkpoint, spans
+from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.interchange import architecture
-from hetcore.results import RunResult, chunk_plan, first_nonfinite
+from hetcore.results import RunResult, chunk_length, first_nonfinite
 from hetcore.settings import Settings
 from torchhet.device import describe, resolve_device
 from torchhet.loops import default_loop, make_runner
@@ -96,14 +97,19 @@ def versions() -> dict:
 
 
 def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dict,
-          progress=None) -> RunResult:
+          progress=None, resume: Checkpoint | None = None, on_checkpoint=None) -> RunResult:
     """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
 
     Args:
-      settings: epochs, lr, dtype, device, loss option, chunk length and loop are read here.
+      settings: epochs, lr, dtype, device, loss option, chunk length, loop and checkpoint
+        interval are read here.
       x, y: training data, (N, 1) arrays of settings.dtype.
       initial_weights: state dict of settings.dtype.
       progress: optional callable(epochs_done, last_loss), called once per chunk.
+      resume: a checkpoint of this run to continue from (its epoch, weights, optimiser state
+        and loss history); the result is that of the uninterrupted run, bit for bit.
+      on_checkpoint: callable(epoch, weights, optimizer, loss_history), called every
+        settings.checkpoint_every epochs (and at the end) with host copies.
 
     Returns:
       RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite.
@@ -111,19 +117,26 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     dtype = settings.dtype
     enable_dtype(dtype)
     device = resolve_device(settings.device)
-    model = _build(initial_weights, dtype, device)
+    model = _build(initial_weights if resume is None else resume.weights, dtype, device)
+    history = np.full(settings.epochs, np.nan)
+    first = 0
+    if resume is not None:
+        # Both loops are plain SGD (no momentum): there is no optimiser state to restore.
+        if resume.optimizer:
+            raise UsageError(f"--resume: optimizer state has {len(resume.optimizer)} tensors, "
+                             "expected none (plain SGD)")
+        first = resume.epoch
+        history[:first] = resume.loss_history
     xs = _tensor(x, device)
     ys = _tensor(y, device)
-    length, count = chunk_plan(settings.epochs, settings.chunk_epochs)
+    length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
     loop = default_loop(device.type) if settings.loop == "auto" else settings.loop
     run_chunk, compile_s = make_runner(loop, model, xs, ys, settings.lr, settings.full)
 
-    history = np.full(settings.epochs, np.nan)
     losses = torch.empty(length, dtype=_dtype(dtype), device=device)
     t0 = time.perf_counter()
-    for c in range(count):
-        start = c * length
-        n = min(length, settings.epochs - start)
+    for start, n, checkpoint_after in spans(first, settings.epochs, length,
+                                            settings.checkpoint_every):
         run_chunk(n, losses)  # losses stay on the device; read once per chunk
         part = losses[:n].cpu().numpy()
         history[start:start + n] = part
@@ -132,6 +145,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
             raise TrainingDiverged(FRAMEWORK, start + bad, float(part[bad]))
         if progress is not None:
             progress(start + n, float(part[-1]))
+        if checkpoint_after and on_checkpoint is not None:
+            on_checkpoint(start + n, to_state_dict(model), {}, history[:start + n].astype(dtype))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0

@@ -1,0 +1,127 @@
+"""Checkpoints: one safetensors file per framework, replaced atomically.
+
+A checkpoint holds everything a run needs to continue exactly where it stopped: the
+weights, the optimiser state, the loss history so far, the initial weights, the settings
+and a digest of the data. It is one file (`checkpoint-<framework>.safetensors` in the run
+directory), written under a temporary name and renamed over the old one, so a kill at any
+moment leaves either the previous checkpoint or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetcore import interchange
+from hetcore.errors import UsageError
+
+FORMAT = "jaxhet-checkpoint-1"
+
+
+@dataclass
+class Checkpoint:
+    framework: str
+    epoch: int  # epochs done; the next epoch to run
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]  # flattened optimiser state (empty for plain SGD)
+    loss_history: np.ndarray  # (epoch,)
+    initial_weights: dict[str, np.ndarray]
+    settings: dict
+    data_digest: str
+    extra: dict = field(default_factory=dict)
+
+
+def filename(framework: str) -> str:
+    return f"checkpoint-{framework}.safetensors"
+
+
+def data_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """sha256 of the training data as used (dtype and shape included)."""
+    h = hashlib.sha256()
+    for a in (x, y):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save(path: str, ckpt: Checkpoint) -> None:
+    """Write `ckpt` to `path` atomically (temporary file, fsync, rename)."""
+    tensors = {f"weights/{n}": a for n, a in ckpt.weights.items()}
+    tensors |= {f"initial/{n}": a for n, a in ckpt.initial_weights.items()}
+    tensors |= {f"optimizer/{n}": a for n, a in ckpt.optimizer.items()}
+    tensors["loss_history"] = np.asarray(ckpt.loss_history)
+    meta = {
+        "format": FORMAT, "framework": ckpt.framework, "epoch": ckpt.epoch,
+        "settings": ckpt.settings, "data_digest": ckpt.data_digest, "extra": ckpt.extra,
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        interchange.write(tmp, tensors, meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path: str, label: str = "--resume") -> Checkpoint:
+    """Read and check a checkpoint; any defect is a UsageError naming the file."""
+    tensors = interchange.read(path, label=label)
+    try:
+        meta = interchange.read_metadata(path)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+        settings = dict(meta["settings"])
+        epoch = int(meta["epoch"])
+        extra = dict(meta.get("extra", {}))
+        framework = str(meta["framework"])
+        digest = str(meta["data_digest"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{label} {path}: not a checkpoint of this project ({e})") from None
+    history = tensors.get("loss_history")
+    if history is None or history.shape != (epoch,):
+        raise UsageError(f"{label} {path}: loss_history does not hold {epoch} epochs")
+    if not np.isfinite(history).all():
+        raise UsageError(f"{label} {path}: loss_history holds non-finite values")
+
+    def part(prefix):
+        return {n[len(prefix):]: a for n, a in tensors.items() if n.startswith(prefix)}
+
+    ckpt = Checkpoint(framework=framework, epoch=epoch, weights=part("weights/"),
+                      optimizer=part("optimizer/"), loss_history=history,
+                      initial_weights=part("initial/"), settings=settings,
+                      data_digest=digest, extra=extra)
+    from hetcore.settings import Settings
+
+    try:
+        s = Settings(**settings)
+    except (TypeError, UsageError) as e:
+        raise UsageError(f"{label} {path}: settings do not fit this version ({e})") from None
+    if not 0 < epoch <= s.epochs:
+        raise UsageError(f"{label} {path}: epoch {epoch} is outside the run's 1..{s.epochs}")
+    interchange.check(ckpt.weights, s.width, s.depth, s.dtype, label=f"{label} {path}: weights")
+    interchange.check(ckpt.initial_weights, s.width, s.depth, s.dtype,
+                      label=f"{label} {path}: initial weights")
+    for n, a in ckpt.optimizer.items():
+        if not np.isfinite(a).all():
+            raise UsageError(f"{label} {path}: optimizer tensor '{n}' holds non-finite values")
+    return ckpt
+
+
+def spans(start: int, epochs: int, length: int, every: int):
+    """(first epoch, count, checkpoint after it) of each chunk from `start` to `epochs`.
+
+    No chunk crosses a multiple of `every` (0: no checkpoints), so checkpoints land on
+    those epochs whatever the chunk length.
+    """
+    e = start
+    while e < epochs:
+        limit = min(epochs, (e // every + 1) * every) if every else epochs
+        n = min(length, limit - e)
+        yield e, n, bool(every) and ((e + n) % every == 0 or e + n == epochs)
+        e += n
