@@ -17,13 +17,21 @@ from hetcore import checkpoint, data, interchange, outputs
 from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.metrics import final_metrics
 from hetcore.results import RunResult
-from hetcore.settings import DEVICES, DTYPES, FRAMEWORKS, PRESETS, Settings
+from hetcore.settings import DEVICES, DTYPES, FRAMEWORKS, PRESETS, Settings, check_memory
 
-_MODULES = {"jax": "jaxhet.train", "torch": "torchhet.train"}
+_PACKAGES = {"jax": "jaxhet", "torch": "torchhet"}
+_MODULES = {n: f"{p}.train" for n, p in _PACKAGES.items()}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of SPEC section 3 (no usage block before it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="train.py",
         description="Train the lecture's heteroscedastic regression (mean and variance heads, "
         "Gaussian NLL, full-batch SGD) in JAX, PyTorch or both.",
@@ -206,17 +214,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         settings = settings_from_args(args)
         out = args.out or outputs.default_out(settings.framework)
         outputs.check_out(out, args.overwrite)
+    names = ["jax", "torch"] if settings.framework == "both" else [settings.framework]
+    modules = {n: load_framework(n) for n in names}
+    devices = {n: m.resolve_device(settings.device) for n, m in modules.items()}
+
+    def check_fits(n_points: int) -> None:
+        for n, m in modules.items():
+            dev_module = importlib.import_module(f"{_PACKAGES[n]}.device")
+            check_memory(settings, n_points, dev_module.memory_bytes(devices[n]),
+                         dev_module.describe(devices[n]))
+
+    if settings.data is None:
+        check_fits(settings.n_points)  # before drawing the points
     dataset = data.for_settings(settings)
     x, y = dataset.columns(settings.dtype)
+    check_fits(x.shape[0])
     digest = checkpoint.data_digest(x, y)
     for fw, c in ckpts.items():
         if c.data_digest != digest:
             raise UsageError(f"--resume {out}: the data differ from those the run started with "
                              f"({dataset.source})")
-    names = ["jax", "torch"] if settings.framework == "both" else [settings.framework]
-    modules = {n: load_framework(n) for n in names}
-    for m in modules.values():
-        m.resolve_device(settings.device)  # refuse an absent device before any work
     if ckpts:
         c = next(iter(ckpts.values()))
         weights, weights_source = c.initial_weights, c.extra.get("init_source", "checkpoint")

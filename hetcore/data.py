@@ -19,6 +19,7 @@ from hetcore.settings import Settings
 
 X_MIN, X_MAX = -3.0, 3.0
 NOISE_SCALE = 0.1
+MAX_DATA_BYTES = 4 << 30  # far beyond what one device trains on in full batch
 
 
 def true_mean(x: np.ndarray) -> np.ndarray:
@@ -91,6 +92,10 @@ def _as_column(name: str, label: str, a: np.ndarray) -> np.ndarray:
 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":  # a zip archive, maybe empty
+        raise UsageError(f"--data {path}: not a .npz file (no zip archive inside)")
     try:
         with np.load(path, allow_pickle=False) as f:
             names = sorted(f.files)
@@ -117,10 +122,10 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is fine
             rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--data {path}: cannot read ({e})") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"--data {path}: cannot read as UTF-8 CSV ({e})") from None
     if not rows:
         raise UsageError(f"--data {path}: empty file, expected a header 'x,y'")
     header = [h.strip() for h in rows[0]]
@@ -145,8 +150,14 @@ def read(path: str, dtype: str = "float64") -> Dataset:
 
     Raises UsageError with one line naming the file and the problem.
     """
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UsageError(f"--data {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"--data {path}: not a regular file")
+    size = os.path.getsize(path)
+    if size > MAX_DATA_BYTES:
+        raise UsageError(f"--data {path}: {size} bytes is more than the {MAX_DATA_BYTES} "
+                         "this reader takes")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npz":
         x, y = _read_npz(path)

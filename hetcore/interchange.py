@@ -20,6 +20,7 @@ from hetcore.settings import LECTURE
 
 PRESET_FILE = "lecture.safetensors"
 METADATA_KEY = "jaxhet"
+HEADER_ALLOWANCE = 1 << 20  # bytes of safetensors header and metadata a file may add
 
 
 def names(depth: int) -> list[str]:
@@ -82,10 +83,20 @@ def write(path: str, state: dict, metadata: dict | None = None) -> None:
     save_file(ordered, path, metadata=meta)
 
 
-def read(path: str, label: str = "--init-from") -> dict[str, np.ndarray]:
-    """Read a safetensors file into a dict of numpy arrays; anything else is refused."""
-    if not os.path.isfile(path):
+def read(path: str, label: str = "--init-from", max_bytes: int | None = None
+         ) -> dict[str, np.ndarray]:
+    """Read a safetensors file into a dict of numpy arrays; anything else is refused.
+
+    `max_bytes` refuses a file larger than what it should hold before reading it.
+    """
+    if not os.path.exists(path):
         raise UsageError(f"{label} {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{label} {path}: not a regular file")
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise UsageError(f"{label} {path}: {size} bytes is more than the {max_bytes} that the "
+                         "expected tensors take")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:2] == b"PK" or head[:1] == b"\x80":
@@ -111,7 +122,9 @@ def read_metadata(path: str) -> dict:
 
 def read_weights(path: str, width: int, depth: int, dtype: str) -> dict[str, np.ndarray]:
     """Read and check an interchange file against the requested architecture and dtype."""
-    state = read(path)
+    itemsize = np.dtype(dtype).itemsize
+    expected = sum(int(np.prod(s)) for s in shapes(width, depth).values()) * itemsize
+    state = read(path, max_bytes=expected + HEADER_ALLOWANCE)
     check(state, width, depth, dtype, label=f"--init-from {path}")
     return {n: state[n] for n in names(depth)}  # module order
 

@@ -94,6 +94,26 @@ class Settings:
         return dataclasses.asdict(self)
 
 
+def memory_estimate(width: int, depth: int, n_points: int, dtype: str) -> int:
+    """Bytes a full-batch training step needs, roughly: weights, gradients and updated
+    weights (x4 for slack) and the activations backpropagation keeps (z and relu(z) per
+    layer, and as much again for their gradients)."""
+    itemsize = 8 if dtype == "float64" else 4
+    params = 2 * width + (depth - 1) * (width * width + width) + 2 * (width + 1)
+    activations = 4 * n_points * width * depth + 16 * n_points
+    return itemsize * (4 * params + activations)
+
+
+def check_memory(settings: "Settings", n_points: int, capacity: int, device: str) -> None:
+    """Refuse, before any work, a run that cannot fit in `capacity` bytes of `device`."""
+    need = memory_estimate(settings.width, settings.depth, n_points, settings.dtype)
+    if need > capacity:
+        raise UsageError(
+            f"--width {settings.width} --depth {settings.depth} on {n_points} points: needs "
+            f"about {need / 2**30:.1f} GiB, more than the {capacity / 2**30:.1f} GiB of {device}"
+        )
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UsageError(f"{name}: expected an integer, got {value!r}")

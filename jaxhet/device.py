@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from hetcore.errors import UsageError
@@ -41,3 +43,11 @@ def resolve_device(name: str = "auto") -> jax.Device:
 def describe(device: jax.Device) -> str:
     kind = getattr(device, "device_kind", "") or device.platform
     return f"{device.platform}:{device.id} ({kind})"
+
+
+def memory_bytes(device: jax.Device) -> int:
+    """Memory the device offers: the accelerator's limit, or the host's physical memory."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

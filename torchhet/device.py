@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hetcore.errors import UsageError
@@ -31,3 +33,10 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
     return "cpu:0 (cpu)"
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Memory the device offers: the GPU's total, or the host's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,296 @@
+"""Bad input of every kind: exit 2, one line `error: ...` naming the input, no traceback,
+and nothing in --out changed (issue: reliability)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from hetcore import checkpoint, data, interchange
+from hetcore.cli import main
+from hetcore.errors import UsageError
+from tests.conftest import ROOT
+
+BASE = ["--preset", "none", "--width", "4", "--depth", "1", "--n-points", "12", "--epochs", "3",
+        "--device", "cpu", "--no-progress"]
+
+# option -> wrong values; each must be refused naming the option.
+WRONG = {
+    "--framework": ["mxnet", ""],
+    "--device": ["quantum", "gpu", "tpu"],
+    "--preset": ["lecture2"],
+    "--epochs": ["0", "-3", "1.5", "ten", ""],
+    "--lr": ["0", "-1e-3", "nan", "inf", "-inf", "fast"],
+    "--seed": ["-1", "4294967296", "x"],
+    "--n-points": ["0", "-5", "1e3"],
+    "--width": ["0", "-1", "w"],
+    "--depth": ["0", "2.0"],
+    "--dtype": ["float16", "bfloat16", "int32"],
+    "--chunk-epochs": ["0", "-2"],
+    "--loop": ["fastest", "eager"],  # eager is a torch loop; the default framework is jax
+    "--checkpoint-every": ["-1", "k"],
+}
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """An --out that already holds a finished run, to prove that nothing in it changes."""
+    out = tmp_path / "out"
+    assert main(BASE + ["--out", str(out)]) == 0
+    return out
+
+
+def snapshot(path):
+    return {os.path.relpath(os.path.join(top, f), path): open(os.path.join(top, f), "rb").read()
+            for top, _, files in os.walk(path) for f in files}
+
+
+def assert_refused(capsys, argv, out, needle):
+    before = snapshot(out)
+    siblings = sorted(os.listdir(os.path.dirname(out)))
+    try:
+        code = main(argv + ["--out", str(out), "--overwrite"])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (argv, err)
+    assert len(err) == 1, err
+    assert "error: " in err[0] and needle in err[0], (needle, err)
+    assert snapshot(out) == before
+    assert sorted(os.listdir(os.path.dirname(out))) == siblings  # no staging left behind
+
+
+@pytest.mark.parametrize("option,value", [(o, v) for o, vs in WRONG.items() for v in vs])
+def test_every_option_refuses_wrong_values(capsys, existing_run, option, value):
+    needle = option if option != "--device" or value == "quantum" else "available"
+    assert_refused(capsys, BASE + [option, value], existing_run, needle)
+
+
+def test_unknown_option_and_conflicts(capsys, existing_run):
+    assert_refused(capsys, BASE + ["--colour", "red"], existing_run, "--colour")
+    assert_refused(capsys, BASE + ["--framework", "torch", "--loop", "scan"], existing_run, "--loop")
+    assert_refused(capsys, BASE + ["--width", "300000", "--depth", "2"], existing_run, "GiB")
+    assert_refused(capsys, BASE + ["--n-points", "20000000000"], existing_run, "GiB")
+
+
+def _write_csv(path, text):
+    path.write_text(text)
+    return path
+
+
+def data_files(tmp):
+    """(file, what the message must name) for every kind of broken data file."""
+    good = np.linspace(0, 1, 5)
+    cases = []
+
+    def npz(name, **arrays):
+        p = tmp / f"{name}.npz"
+        np.savez(p, **arrays)
+        return p
+
+    cases += [
+        (_write_csv(tmp / "empty.csv", ""), "empty"),
+        (_write_csv(tmp / "header.csv", "a,b\n1,2\n"), "header"),
+        (_write_csv(tmp / "extra.csv", "x,y,z\n1,2,3\n"), "header"),
+        (_write_csv(tmp / "ragged.csv", "x,y\n1,2\n1,2,3\n"), "line 3"),
+        (_write_csv(tmp / "nan.csv", "x,y\n1,nan\n"), "y[0]"),
+        (_write_csv(tmp / "inf.csv", "x,y\n-inf,1\n"), "x[0]"),
+        (_write_csv(tmp / "words.csv", "x,y\none,two\n"), "line 2"),
+        (_write_csv(tmp / "nodata.csv", "x,y\n"), "no data points"),
+        (_write_csv(tmp / "big.csv", "x,y\n1,1e39\n"), "finite float32"),
+        (npz("missing", x=good), "missing array 'y'"),
+        (npz("names", a=good, b=good), "missing array 'x'"),
+        (npz("extra", x=good, y=good, z=good), "unexpected arrays"),
+        (npz("lengths", x=good, y=good[:3]), "5 points but y has 3"),
+        (npz("shape", x=np.ones((5, 2)), y=good), "shape (5, 2)"),
+        (npz("dtype", x=good.astype(complex), y=good), "complex"),
+        (npz("nan", x=good, y=np.full(5, np.nan)), "y[0]"),
+        (npz("empty_arrays", x=np.ones(0), y=np.ones(0)), "no data points"),
+    ]
+    trunc = tmp / "trunc.npz"
+    trunc.write_bytes(npz("whole", x=good, y=good).read_bytes()[:50])
+    cases.append((trunc, "not a readable .npz"))
+    notzip = tmp / "notzip.npz"
+    notzip.write_bytes(b"\x93NUMPY" + b"\x00" * 50)
+    cases.append((notzip, "not a .npz"))
+    huge = tmp / "huge.csv"
+    with open(huge, "wb") as f:
+        f.truncate(data.MAX_DATA_BYTES + 1)  # sparse: costs no disk
+    cases.append((huge, "bytes is more than"))
+    cases.append((tmp, "not a regular file"))
+    cases.append((tmp / "absent.csv", "no such file"))
+    return cases
+
+
+def test_every_broken_data_file_is_refused(capsys, existing_run, tmp_path):
+    files = tmp_path / "files"
+    files.mkdir()
+    for path, needle in data_files(files):
+        assert_refused(capsys, BASE + ["--data", str(path)], existing_run, needle)
+        assert_refused(capsys, BASE + ["--data", str(path)], existing_run, str(path))
+
+
+def weight_files(tmp):
+    good = {n: np.zeros(s, np.float32) for n, s in interchange.shapes(4, 1).items()}
+    cases = []
+
+    def st_file(name, tensors):
+        p = tmp / f"{name}.safetensors"
+        interchange.write(str(p), tensors)
+        return p
+
+    cases += [
+        (st_file("missing", {n: a for n, a in good.items() if n != "var_head.bias"}),
+         "missing tensor 'var_head.bias'"),
+        (st_file("renamed", {**{n: a for n, a in good.items() if n != "mean_head.bias"},
+                             "mean.bias": np.zeros(1, np.float32)}), "'mean_head.bias'"),
+        (st_file("extra", {**good, "layers.2.weight": np.zeros((4, 4), np.float32)}),
+         "unexpected tensor 'layers.2.weight'"),
+        (st_file("shape", {**good, "layers.0.weight": np.zeros((5, 1), np.float32)}),
+         "'layers.0.weight' has shape (5, 1)"),
+        (st_file("dtype", {**good, "mean_head.weight": np.zeros((1, 4))}),
+         "'mean_head.weight' is float64"),
+        (st_file("nan", {**good, "layers.0.bias": np.full(4, np.nan, np.float32)}),
+         "'layers.0.bias' holds non-finite"),
+        (st_file("inf", {**good, "var_head.weight": np.full((1, 4), np.inf, np.float32)}),
+         "'var_head.weight' holds non-finite"),
+        (st_file("huge", {**good, "padding": np.zeros(1 << 19, np.float32)}), "bytes is more"),
+    ]
+    whole = st_file("whole", good).read_bytes()
+    for name, content in [("empty", b""), ("trunc", whole[:-7]), ("header", whole[:20]),
+                          ("garbage", b"\xff" * 64)]:
+        p = tmp / f"{name}.safetensors"
+        p.write_bytes(content)
+        cases.append((p, "not a valid safetensors"))
+    pickled = tmp / "pickled.pt"
+    import pickle
+
+    pickled.write_bytes(pickle.dumps({"layers.0.weight": [1.0]}))
+    cases.append((pickled, "pickle"))
+    return cases
+
+
+def test_every_broken_weights_file_is_refused(capsys, existing_run, tmp_path):
+    files = tmp_path / "files"
+    files.mkdir()
+    for path, needle in weight_files(files):
+        assert_refused(capsys, BASE + ["--init-from", str(path)], existing_run, needle)
+
+
+def test_every_broken_resume_directory_is_refused(capsys, tmp_path):
+    run = tmp_path / "run"
+    argv = BASE + ["--epochs", "10", "--checkpoint-every", "5"]
+    assert main(argv + ["--out", str(run)]) == 0
+    ck_bytes = (run / checkpoint.filename("jax")).read_bytes()
+    for name, content, needle in [
+        ("trunc", ck_bytes[: len(ck_bytes) // 2], "not a valid safetensors"),
+        ("empty", b"", "not a valid safetensors"),
+        ("garbage", b"\x00" * 100, "not a valid safetensors"),
+    ]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / checkpoint.filename("jax")).write_bytes(content)
+        before = snapshot(d)
+        assert main(["--resume", str(d)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and str(d) in err[0], err
+        assert snapshot(d) == before
+    # A checkpoint of other data: the digest catches it.
+    other = tmp_path / "other"
+    other.mkdir()
+    c = checkpoint.load(str(run / checkpoint.filename("jax")))
+    c.data_digest = "0" * 64
+    checkpoint.save(str(other / checkpoint.filename("jax")), c)
+    assert main(["--resume", str(other)]) == 2
+    assert "data differ" in capsys.readouterr().err
+    # A weights file is not a checkpoint.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    interchange.write(str(plain / checkpoint.filename("jax")),
+                      {n: np.zeros(s, np.float32) for n, s in interchange.shapes(4, 1).items()})
+    assert main(["--resume", str(plain)]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y\n1,oops\n")
+    for argv in (["--epochs", "0"], ["--data", str(bad)], ["--nonsense"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *BASE,
+                            *argv, "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error: " in lines[0], p.stderr
+        assert not (tmp_path / "o").exists()
+
+
+# Property-based fuzzing of the readers: any bytes either read or raise UsageError.
+FUZZ = hsettings(max_examples=60, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(content=st.binary(max_size=400), suffix=st.sampled_from([".csv", ".npz"]))
+def test_fuzz_data_reader_bytes(tmp_path, content, suffix):
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(content)
+    try:
+        ds = data.read(str(path), dtype="float32")
+    except UsageError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+    else:
+        assert ds.x.shape == ds.y.shape and ds.x.size > 0
+        assert np.isfinite(ds.x.astype(np.float32)).all()
+
+
+cell = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                 st.text(alphabet="0123456789.-+eEnaif ,\"", max_size=8))
+
+
+@FUZZ
+@given(rows=st.lists(st.lists(cell, min_size=0, max_size=3), max_size=6),
+       header=st.sampled_from(["x,y", "y,x", "x", "x,y,z", "", "X,Y"]))
+def test_fuzz_csv_rows(tmp_path, rows, header):
+    path = tmp_path / "rows.csv"
+    path.write_text(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    try:
+        ds = data.read(str(path), dtype="float32")
+    except UsageError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+    else:
+        assert header == "x,y" and ds.x.size > 0
+
+
+@FUZZ
+@given(content=st.binary(max_size=300))
+def test_fuzz_weights_and_checkpoint_readers(tmp_path, content):
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(content)
+    for read in (lambda: interchange.read_weights(str(path), 4, 1, "float32"),
+                 lambda: checkpoint.load(str(path))):
+        with pytest.raises(UsageError):
+            read()
+
+
+@FUZZ
+@given(cut=st.integers(min_value=0, max_value=2000), flip=st.integers(min_value=0, max_value=2000))
+def test_fuzz_damaged_weights_file(tmp_path, cut, flip):
+    # A real file, truncated or with one byte changed: read and checked, or refused.
+    path = tmp_path / "w.safetensors"
+    interchange.write(str(path), {n: np.ones(s, np.float32)
+                                  for n, s in interchange.shapes(4, 1).items()})
+    raw = bytearray(path.read_bytes())
+    raw = raw[: max(0, len(raw) - cut)] if cut % 2 else raw
+    if raw and flip % 3 == 0:
+        raw[flip % len(raw)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    try:
+        state = interchange.read_weights(str(path), 4, 1, "float32")
+    except UsageError:
+        return
+    interchange.check(state, 4, 1, "float32")
