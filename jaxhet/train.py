@@ -59,6 +59,7 @@ def _forward(graphdef, full: bool, params, x, y):
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
+_loss_and_grad_jit = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4))
 
 def _put(state: dict, width: int, depth: int, dtype: str, device):
     graphdef, abstract = _abstract(width, depth, dtype)
@@ -88,9 +89,8 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
     dev = resolve_device(device)
     width, depth = architecture(weights)
     graphdef, params = _put(weights, width, depth, dtype, dev)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4))(
-        params, graphdef, jax.device_put(x, dev), jax.device_put(y, dev), full
-    )
+    loss, grads = _loss_and_grad_jit(params, graphdef, jax.device_put(x, dev),
+                                     jax.device_put(y, dev), full)
     return float(loss), to_state_dict(grads)
 
 
