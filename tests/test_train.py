@@ -28,7 +28,8 @@ def test_torchhet_reproduces_the_lecture_run_exactly(lecture_run):
     x, y = ds.columns("float32")
     np.testing.assert_array_equal(x, lecture_run["x"].numpy())
     np.testing.assert_array_equal(y, lecture_run["y"].numpy())
-    result = ttrain.train(Settings(device="cpu"), x, y, interchange.lecture_weights())
+    result = ttrain.train(Settings(framework="torch", device="cpu", loop="eager"), x, y,
+                          interchange.lecture_weights())
     np.testing.assert_array_equal(result.loss_history, np.float32(lecture_run["losses"]))
     for name, tensor in lecture_run["final"].items():
         np.testing.assert_array_equal(result.weights[name], tensor.numpy(), err_msg=name)
