@@ -23,7 +23,7 @@ from hetcore.interchange import architecture
 from hetcore.results import RunResult, chunk_length, first_nonfinite
 from hetcore.settings import Settings
 from jaxhet.device import describe, resolve_device
-from jaxhet.loops import signature, compile_once, default_loop, loss_fn, make_runner
+from jaxhet.loops import compile_once, default_loop, loss_fn, make_runner, signature
 from jaxhet.model import HeteroscedasticMLP, gaussian_nll
 from jaxhet.weights import from_state_dict, to_state_dict
 
@@ -61,6 +61,7 @@ def _forward(graphdef, full: bool, params, x, y):
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
 _loss_and_grad_jit = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4))
 
+
 def _put(state: dict, width: int, depth: int, dtype: str, device):
     graphdef, abstract = _abstract(width, depth, dtype)
     params = from_state_dict({n: np.asarray(a, dtype=dtype) for n, a in state.items()}, abstract)
@@ -96,10 +97,11 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
 
 def versions() -> dict:
     import flax
+    import jaxlib
 
     return {
         "python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+        "jaxlib": jaxlib.__version__,
         "flax": flax.__version__, "optax": optax.__version__,
     }
 
