@@ -12,11 +12,10 @@ class TrainingDiverged(Exception):
 
     exit_code = 1
 
-    def __init__(self, framework: str, epoch: int, loss: float):
+    def __init__(self, framework: str, epoch: int, loss: float, weights: bool = False):
         self.framework = framework
         self.epoch = epoch
         self.loss = loss
-        super().__init__(
-            f"{framework}: training diverged: loss is {loss} at epoch {epoch}; "
-            "try a smaller --lr"
-        )
+        what = (f"the update of epoch {epoch} made the weights non-finite" if weights
+                else f"loss is {loss} at epoch {epoch}")
+        super().__init__(f"{framework}: training diverged: {what}; try a smaller --lr")

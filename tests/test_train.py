@@ -157,3 +157,37 @@ def test_every_loop_trains_the_same_run(fw, loops, small_state, small_data):
         np.testing.assert_allclose(r.loss_history, runs[0].loss_history, rtol=1e-13, atol=1e-14)
         for n in state:
             np.testing.assert_allclose(r.weights[n], runs[0].weights[n], rtol=1e-12, atol=1e-14)
+
+
+def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_data,
+                                                            monkeypatch):
+    # An update that leaves the loss finite but a weight infinite (here injected after the
+    # last epoch of a chunk, which no later loss of the chunk can reveal): the chunk is
+    # replayed from its start, epoch by epoch, and the run stops naming that epoch.
+    import torch
+
+    import torchhet.loops
+
+    state = small_state(width=8, depth=1)
+    x, y = small_data(n=20)
+    s = Settings(framework="torch", device="cpu", preset="none", epochs=12, lr=0.01, width=8,
+                 depth=1, chunk_epochs=5, loop="eager")
+    clean = ttrain.train(s, x, y, state).loss_history
+
+    def make_runner(loop, model, *args, **kwargs):
+        inner, warm = torchhet.loops.make_runner(loop, model, *args, **kwargs)
+
+        def runner(n, losses):
+            for i in range(n):
+                inner(1, losses[i:i + 1])
+                if losses[i].item() == clean[3]:  # the same epoch on replay, by its loss
+                    with torch.no_grad():
+                        model.var_head.weight[0, 0] = float("inf")
+
+        return runner, warm
+
+    monkeypatch.setattr(ttrain, "make_runner", make_runner)
+    with pytest.raises(TrainingDiverged) as info:
+        ttrain.train(s, x, y, state)
+    assert info.value.epoch == 3  # chunks of 4 epochs: 12 = 3 x 4; epoch 3 ends the first
+    assert "update of epoch 3" in str(info.value)

@@ -55,6 +55,11 @@ def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.tensor(np.asarray(a), device=device)
 
 
+def _finite(params: list) -> bool:
+    """Whether every weight is finite: one host sync, as the chunk's losses are read."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
 def _build(weights: dict, dtype: str, device: torch.device) -> HeteroscedasticMLP:
     width, depth = architecture(weights)
     model = HeteroscedasticMLP(width, depth, dtype=_dtype(dtype))
@@ -134,15 +139,25 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     run_chunk, compile_s = make_runner(loop, model, xs, ys, settings.lr, settings.full)
 
     losses = torch.empty(length, dtype=_dtype(dtype), device=device)
+    params = list(model.parameters())
     t0 = time.perf_counter()
     for start, n, checkpoint_after in spans(first, settings.epochs, length,
                                             settings.checkpoint_every):
+        before = [p.detach().clone() for p in params]  # to replay a chunk that went bad
         run_chunk(n, losses)  # losses stay on the device; read once per chunk
         part = losses[:n].cpu().numpy()
         history[start:start + n] = part
         bad = first_nonfinite(part)
         if bad is not None:
             raise TrainingDiverged(FRAMEWORK, start + bad, float(part[bad]))
+        if not _finite(params):  # a finite loss, but an update made weights inf or nan
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            for i in range(n):  # replay epoch by epoch (deterministic) to name the epoch
+                run_chunk(1, losses)
+                if not _finite(params):
+                    raise TrainingDiverged(FRAMEWORK, start + i, float(part[i]), weights=True)
         if progress is not None:
             progress(start + n, float(part[-1]))
         if checkpoint_after and on_checkpoint is not None:
