@@ -90,10 +90,12 @@ def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=No
                         label="one-ulp twin gaps" if k == 0 else None)
         env = np.max(np.stack([np.maximum.accumulate(np.asarray(g, np.float64))
                                for g in floor_gaps]), axis=0)
-        ax.semilogy(epochs, positive(env), color="#555555", linewidth=1.5,
+        ax.semilogy(epochs, positive(env), color="#E69F00", linewidth=2.0,
                     label="one-ulp floor (running max)")
     ax.semilogy(epochs, positive(np.abs(lj - lt)), color="black", linewidth=1.0,
                 label="|jax - torch|")
+    ax.semilogy(epochs, positive(np.maximum.accumulate(np.abs(lj - lt))), "--", color="black",
+                linewidth=1.0, label="|jax - torch| running max")
     if bound is not None:
         ax.semilogy(epochs, positive(bound), ":", color="#C2452D", linewidth=1.5,
                     label="bound on running gap")
@@ -121,7 +123,7 @@ def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=No
     ax.set(xlabel="x", ylabel="y", title=r"fitted bands $\mu \pm 2\sigma$")
     ax.legend(loc="upper left", fontsize=8)
     twin = ax.twinx()
-    twin.semilogy(xs, positive(np.abs(sj - st)), color="gray", linewidth=0.8)
+    twin.semilogy(xs, positive(np.abs(sj - st)), ".", color="gray", markersize=1.5)
     twin.set_ylabel(r"$|\sigma_{jax} - \sigma_{torch}|$ (gray)", color="gray")
 
     if own:

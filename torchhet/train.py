@@ -40,7 +40,8 @@ def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.
     for weights and biases is what nn.Linear.reset_parameters draws.
     """
     gen = torch.Generator().manual_seed(seed)
-    model = HeteroscedasticMLP(width, depth, dtype=_dtype(dtype))
+    with torch.random.fork_rng(devices=[]):  # construction draws nn.Linear's default init
+        model = HeteroscedasticMLP(width, depth, dtype=_dtype(dtype))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

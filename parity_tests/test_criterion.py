@@ -1,0 +1,161 @@
+"""The comparison machinery itself (hetcore.parity): messages, ulps, the floor criterion.
+
+Each test feeds hand-made numbers whose answer is known, so that every assertion can fail.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from hetcore import parity
+from hetcore.results import RunResult
+
+
+def test_message_names_tensor_difference_and_place():
+    a = np.zeros((3, 4))
+    b = a.copy()
+    b[2, 1] = 3e-5
+    c = parity.check_close("grad layers.2.weight", a, b, parity.SINGLE_STEP["float32"], "float32")
+    assert not c.ok
+    msg = c.message()
+    for part in ("grad layers.2.weight", "float32", "3e-05", "index (2, 1)", "FAIL"):
+        assert part in msg, (part, msg)
+    with pytest.raises(AssertionError, match=r"grad layers\.2\.weight.*index \(2, 1\)"):
+        parity.assert_checks([c])
+
+
+def test_bound_is_absolute_below_one_and_relative_above():
+    bound = parity.SINGLE_STEP["float32"]
+    assert parity.check_close("q", [0.5], [0.5 + 9e-6], bound, "float32").ok
+    assert not parity.check_close("q", [0.5], [0.5 + 2e-5], bound, "float32").ok
+    assert parity.check_close("q", [100.0], [100.0 + 9e-4], bound, "float32").ok
+    assert not parity.check_close("q", [100.0], [100.0 + 2e-3], bound, "float32").ok
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_fail(bad):
+    c = parity.check_close("mu", [1.0, 2.0], [1.0, bad], parity.SINGLE_STEP["float64"], "float64")
+    assert not c.ok and c.where == "index (1,)"
+    same = parity.check_close("mu", [1.0, bad], [1.0, bad], parity.SINGLE_STEP["float64"],
+                              "float64")
+    assert same.ok
+
+
+def test_missing_tensor_and_shape_mismatch_fail():
+    bound = parity.SINGLE_STEP["float64"]
+    checks = parity.check_states("grad", {"a": np.zeros(2), "b": np.zeros(3)},
+                                 {"a": np.zeros(2), "b": np.zeros(4)}, bound, "float64")
+    assert [c.ok for c in checks] == [True, False]
+    checks = parity.check_states("grad", {"a": np.zeros(2)}, {"a": np.zeros(2), "c": 1.0},
+                                 bound, "float64")
+    assert parity.failures(checks)
+    assert "grad c" in parity.failures(checks)[0].message()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ulp_perturb_moves_every_element_by_one_ulp(dtype):
+    rng = np.random.default_rng(0)
+    state = {"w": rng.standard_normal((50, 7)).astype(dtype), "b": np.zeros(3, dtype)}
+    twin = parity.ulp_perturb(state, seed=1)
+    w, t = state["w"], twin["w"]
+    assert t.dtype == w.dtype
+    up = t == np.nextafter(w, np.inf)
+    down = t == np.nextafter(w, -np.inf)
+    assert np.all(up ^ down)
+    assert 0.3 < up.mean() < 0.7  # both directions
+    assert np.array_equal(twin["b"], state["b"])  # zeros stay
+    again = parity.ulp_perturb(state, seed=1)
+    assert all(np.array_equal(again[k], twin[k]) for k in state)
+
+
+def curves(epochs=300, onset=200, seed=0):
+    """A loss curve and rounding-level gaps that grow 30% per epoch from `onset`."""
+    rng = np.random.default_rng(seed)
+    loss = np.linspace(0.3, -1.0, epochs)
+    growth = np.where(np.arange(epochs) < onset, 1.0, 1.3 ** (np.arange(epochs) - onset))
+    def g():
+        return np.minimum(3e-8 * rng.random(epochs) * growth, 1.0)
+    return loss, g
+
+
+def test_floor_check_passes_rounding_twins_and_fails_an_offset():
+    loss, g = curves()
+    floors = [g(), g()]
+    ok, cur = parity.floor_check("loss", loss, loss + g(), floors, "float32")
+    assert ok.ok, ok.message()
+    assert ok.info["decorrelated_from"] is not None
+    # a systematic difference of 1e-5 from epoch 0 on: 100x the rounding level
+    bad, _ = parity.floor_check("loss", loss, loss + 1e-5 + g(), floors, "float32")
+    assert not bad.ok and bad.where == "epoch 0", bad.message()
+    # a difference that starts mid-run, before the twins decorrelate
+    late = loss + np.where(np.arange(loss.size) >= 120, 1e-4, 0.0)
+    bad, _ = parity.floor_check("loss", loss, late, floors, "float32")
+    assert not bad.ok and bad.where == "epoch 120", bad.message()
+    # diverging 30 epochs before the twins do
+    loss2, g2 = curves(onset=170, seed=1)
+    early, _ = parity.floor_check("loss", loss, loss + g2(), floors, "float32")
+    assert not early.ok, early.message()
+
+
+def test_floor_check_fixed_bound_and_reference_check():
+    loss, g = curves(onset=10**6)
+    floors = [g()]
+    c, _ = parity.floor_check("loss", loss, loss + 5e-7, floors, "float64", fixed=1e-6)
+    assert c.ok  # 5e-7 is far above float64 rounding but within the fixed 1e-6
+    c, _ = parity.floor_check("loss", loss, loss + 5e-7, floors, "float64")
+    assert not c.ok
+    ref = loss + 1e-9
+    good, _ = parity.reference_check("jax", loss + g(), [loss + g(), loss + g()], ref, "float32")
+    assert good.ok, good.message()
+    bad, _ = parity.reference_check("jax", loss + 3e-5, [loss + g(), loss + g()], ref, "float32")
+    assert not bad.ok and "jax" in bad.message()
+
+
+def test_final_floor_check():
+    a = np.linspace(0.1, 0.5, 11)
+    twins = [(a, a + 1e-3), (a, a - 2e-3)]
+    assert parity.final_floor_check("sigma", a, a + 1.5e-2, twins, "float32").ok
+    c = parity.final_floor_check("sigma", a, a + 3e-2, twins, "float32")
+    assert not c.ok and "one-ulp floor 0.002" in c.message()
+
+
+def test_compare_keeps_its_keys_and_is_json():
+    def run(shift):
+        w = {"layers.0.weight": np.full((2, 1), 0.5 + shift)}
+        return RunResult("jax", "cpu", "float64", np.array([1.0, 0.5 + shift]), w, w,
+                         np.array([0.1, 0.2]), np.array([1.0, 2.0 + shift]), 0.4, 0.0, 0.0)
+    out = parity.compare(run(0.0), run(1e-3))
+    for key in ("frameworks", "dtype", "epochs", "initial_weights_identical", "loss_history",
+                "final_loss", "mu", "sigma", "weights", "loss_gap_per_epoch"):
+        assert key in out
+    assert out["loss_history"]["max_abs"] == pytest.approx(1e-3)
+    assert out["loss_history"]["at"] == 1
+    json.dumps(out, allow_nan=False)
+
+
+def test_decorrelated_phase_is_judged_by_its_mean_gap():
+    """After decorrelation a per-epoch bound can only be the excursion size; the mean gap
+    over the phase must also stay within MEAN_FACTOR of the twins' mean gap."""
+    rng = np.random.default_rng(3)
+    epochs, onset = 400, 100
+    t = np.arange(epochs)
+    loss = np.linspace(0.3, -1.0, epochs)
+    growth = np.where(t < onset, 1.0, 1.5 ** (t - onset))
+
+    def g():  # rounding level, then growth to ~0.01 with one excursion of 0.1
+        return np.minimum(3e-8 * rng.random(epochs) * growth, 0.01) + np.where(t == 300, 0.1, 0)
+
+    floors = [g(), g()]
+    ok, cur = parity.floor_check("loss", loss, loss + g(), floors, "float32")
+    assert ok.ok and "mean_gap" in ok.info, ok.message()
+    rows = parity.phase_checks(ok, cur)
+    assert [r.quantity.split("(")[-1] for r in rows[:2]] == ["twins correlated)",
+                                                            "twins decorrelated)"]
+    assert rows[-1].quantity.endswith("mean gap") and all(r.ok for r in rows)
+    # every epoch of the phase at half the largest excursion: in the per-epoch bound
+    # (10x the excursion), but its mean is ~40x the twins'
+    far = loss + np.where(t < 200, g(), 0.5)
+    bad, cur = parity.floor_check("loss", loss, far, floors, "float32")
+    assert bad.info["per_epoch_ok"] and not bad.ok, bad.message()
+    assert not parity.phase_checks(bad, cur)[-1].ok

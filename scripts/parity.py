@@ -1,0 +1,11 @@
+"""Verify jaxhet against torchhet: `python scripts/parity.py --help`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hetcore.paritycheck import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
