@@ -52,3 +52,13 @@ def chunk_length(epochs: int, chunk_epochs: int, checkpoint_every: int = 0) -> i
 def first_nonfinite(losses: np.ndarray) -> int | None:
     bad = ~np.isfinite(losses)
     return int(np.argmax(bad)) if bad.any() else None
+
+
+def remat_segments(depth: int) -> list[tuple[int, int]]:
+    """Trunk blocks [start, stop) rematerialised together: about sqrt(depth) segments, so
+    that what stays in memory is one activation per segment boundary and, during the
+    backward pass, one segment's worth (the classic sqrt(n) schedule). A Linear+ReLU block
+    alone keeps nothing a segment would not: ReLU's saved output is the next Linear's input."""
+    count = max(1, int(math.isqrt(depth)))
+    bounds = [round(i * depth / count) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))

@@ -6,6 +6,11 @@
 
 Both present the same runner: `runner(carry, n) -> (carry, losses)`, `losses` a device
 array whose first `n` entries are the chunk's losses; nothing is read back to the host.
+
+`remat=True` checkpoints the trunk in about sqrt(depth) segments (`jax.checkpoint`,
+nothing saved inside a segment): the backward pass recomputes a segment's activations
+instead of keeping them; less memory, one more trunk forward. The measurement helpers at
+the end serve scripts/bench.py (hetcore.bench).
 """
 
 from __future__ import annotations
@@ -14,25 +19,55 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from jaxhet.model import gaussian_nll
+from hetcore.results import remat_segments
+from jaxhet.model import PRECISION, gaussian_nll
 
 LOOPS = ("scan", "step")
 
+# Scan iterations unrolled into one loop body. An epoch is ~4 ms of matrix products on a
+# CPU against ~1 us of while-loop bookkeeping: `scripts/bench.py --unroll 4` was within the
+# noise of 1 on the project's CPU (README, Performance) and doubled compile time. On a GPU
+# (~30 us epochs, not measured here) unrolling could let XLA overlap epochs' kernels; try
+# --unroll there.
+UNROLL = 1
 
-def default_loop(platform: str) -> str:
+# Chosen from scripts/bench.py's figures (README, Performance): `scan` and `step` compile
+# in about the same time (~1 s), and the whole chunk as one program is at least as fast as
+# a Python-driven step on a CPU; on a GPU (reasoned, not measured here) it also removes the
+# per-epoch dispatch (~10-20 us) that would dominate the lecture's ~30 us epoch.
+def default_loop(platform: str, epochs: int | None = None) -> str:
     """The loop that finishes a run soonest, compile time included, on this platform."""
     return "scan"
 
 
-def loss_fn(params, graphdef, x, y, full: bool):
-    mu, var = nnx.merge(graphdef, params)(x)
+def _forward(model, x, remat: bool):
+    if not remat:
+        return model(x)
+    mods = list(model.layers.layers)  # Linear, relu, Linear, relu, ...
+
+    def run(h, part):
+        for m in part:
+            h = m(h)
+        return h
+
+    h = x
+    for start, stop in remat_segments(len(mods) // 2):
+        part = mods[2 * start:2 * stop]
+        # Nothing inside the segment is saved: the backward pass recomputes it from `h`.
+        h = jax.checkpoint(lambda h, part=part: run(h, part))(h)
+    return model.heads(h)
+
+
+def loss_fn(params, graphdef, x, y, full: bool, remat: bool = False):
+    mu, var = _forward(nnx.merge(graphdef, params), x, remat)
     return gaussian_nll(mu, var, y, full)
 
 
-def epoch(graphdef, full: bool, carry, x, y, lr, active):
+def epoch(graphdef, full: bool, carry, x, y, lr, active, remat: bool = False):
     """One SGD epoch; `active` false (masked tail) or a non-finite loss leaves carry as is.
 
     carry = (params, opt_state, ok); `ok` turns false at the first non-finite loss, so that
@@ -40,7 +75,7 @@ def epoch(graphdef, full: bool, carry, x, y, lr, active):
     """
     params, opt_state, ok = carry
     tx = optax.sgd(lr)
-    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, full)
+    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, full, remat)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss)
@@ -52,17 +87,22 @@ def epoch(graphdef, full: bool, carry, x, y, lr, active):
     return (params, opt_state, ok), loss
 
 
-def _scan_chunk(graphdef, length: int, full: bool, carry, x, y, lr, n_active):
+def _scan_chunk(graphdef, length: int, full: bool, remat: bool, unroll: int, carry, x, y, lr,
+                n_active):
     """`length` epochs as one lax.scan; epochs from `n_active` on are masked."""
 
     def body(carry, i):
-        return epoch(graphdef, full, carry, x, y, lr, i < n_active)
+        return epoch(graphdef, full, carry, x, y, lr, i < n_active, remat)
 
-    return jax.lax.scan(body, carry, jnp.arange(length))
+    return jax.lax.scan(body, carry, jnp.arange(length), unroll=unroll)
 
 
-_scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2), donate_argnums=(3,))
-_step_jit = jax.jit(epoch, static_argnums=(0, 1), donate_argnums=(2,))
+def _step(graphdef, full: bool, remat: bool, carry, x, y, lr, active):
+    return epoch(graphdef, full, carry, x, y, lr, active, remat)
+
+
+_scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
+_step_jit = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 _compiled: dict = {}
 
@@ -78,23 +118,26 @@ def compile_once(fn, key, *args):
     return _compiled[key]
 
 
-def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device):
+def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device,
+                remat: bool = False, unroll: int | None = None):
     """(runner, compile seconds) for `loop`; see the module docstring."""
     if loop not in LOOPS:
         raise ValueError(f"jax loop must be one of {LOOPS}, got {loop!r}")
+    unroll = UNROLL if unroll is None else max(1, min(int(unroll), length))
     sig = signature((carry, x, y, lr))
     t0 = time.perf_counter()
     if loop == "scan":
         n0 = jax.device_put(jnp.asarray(length, jnp.int32), device)
-        key = ("scan", graphdef, length, full, sig, device)
-        chunk = compile_once(_scan_jit, key, graphdef, length, full, carry, x, y, lr, n0)
+        key = ("scan", graphdef, length, full, remat, unroll, sig, device)
+        chunk = compile_once(_scan_jit, key, graphdef, length, full, remat, unroll, carry, x,
+                             y, lr, n0)
 
         def runner(carry, n):
             return chunk(carry, x, y, lr, jnp.asarray(n, jnp.int32))
     else:
         on = jax.device_put(jnp.asarray(True), device)
-        key = ("step", graphdef, full, sig, device)
-        step = compile_once(_step_jit, key, graphdef, full, carry, x, y, lr, on)
+        key = ("step", graphdef, full, remat, sig, device)
+        step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on)
 
         def runner(carry, n):
             losses = []
@@ -103,3 +146,175 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
                 losses.append(loss)
             return carry, jnp.stack(losses)
     return runner, time.perf_counter() - t0
+
+
+# ---- measurement helpers for scripts/bench.py (hetcore.bench) -------------------------
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jaxlibs: one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def epoch_flops(graphdef, full: bool, carry, x, y, lr) -> float:
+    """Floating-point operations of one epoch as XLA's cost analysis of the compiled step
+    counts them (matrix products and element-wise work)."""
+    on = jnp.asarray(True)
+    compiled = jax.jit(_step, static_argnums=(0, 1, 2)).lower(
+        graphdef, full, False, carry, x, y, lr, on).compile()
+    return float(_cost(compiled).get("flops", float("nan")))
+
+
+def memory_plan(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device,
+                remat: bool = False) -> dict:
+    """XLA's buffer plan of the loop's compiled program, in bytes (`peak` = arguments +
+    outputs + temporaries - donated aliases: what the program holds at most)."""
+    make_runner(loop, graphdef, full, length, carry, x, y, lr, device, remat)
+    sig = signature((carry, x, y, lr))
+    if loop == "scan":
+        key = ("scan", graphdef, length, full, remat, UNROLL, sig, device)
+    else:
+        key = ("step", graphdef, full, remat, sig, device)
+    m = _compiled[key].memory_analysis()
+    if m is None:
+        return {}
+    plan = {k: int(getattr(m, f"{k}_size_in_bytes", 0))
+            for k in ("argument", "output", "alias", "temp")}
+    plan["peak"] = plan["argument"] + plan["output"] + plan["temp"] - plan["alias"]
+    return plan
+
+
+def activation_bytes(graphdef, full: bool, params, x, y, remat: bool = False) -> int:
+    """Bytes the backward pass keeps from the forward (residuals of the loss's VJP),
+    parameters and data excluded."""
+    _, vjp = jax.vjp(lambda p: loss_fn(p, graphdef, x, y, full, remat), params)
+
+    def where(a):
+        try:
+            return a.unsafe_buffer_pointer()
+        except Exception:  # noqa: BLE001 - not a single-device array
+            return id(a)
+
+    own = {where(a) for a in jax.tree.leaves((params, x, y))}
+    seen = {}
+    for leaf in jax.tree.leaves(vjp):
+        if isinstance(leaf, jax.Array) and where(leaf) not in own:
+            seen[where(leaf)] = int(leaf.nbytes)
+    return sum(seen.values())
+
+
+def matmul_seconds(size: int, dtype: str, device, repeats: int = 5) -> list[float]:
+    """Seconds of each of `repeats` (size x size) @ (size x size) products at full
+    precision, after warm-up."""
+    key = jax.random.key(0)
+    a = jax.device_put(jax.random.normal(key, (size, size), dtype), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), dtype), device)
+
+    @jax.jit
+    def mm(a, b):
+        return jnp.dot(a, b, precision=PRECISION)
+
+    return _timed(lambda: mm(a, b), repeats)
+
+
+def _timed(fn, repeats: int, target_s: float = 0.05) -> list[float]:
+    """Seconds per call, each sample `inner` calls long (about `target_s`), after warm-up:
+    short programs are otherwise timed as much by the clock as by the work."""
+    jax.block_until_ready(fn())
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    inner = int(min(1000, max(1, target_s / max(time.perf_counter() - t, 1e-7))))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = [fn() for _ in range(inner)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t) / inner)
+    return times
+
+
+def floor_seconds(n: int, width: int, depth: int, dtype: str, device, repeats: int = 5
+                  ) -> list[float]:
+    """One epoch's own matrix products back to back, nothing else (the matmul floor)."""
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return jax.device_put(rng.standard_normal(shape).astype(dtype), device)
+
+    x, gh = r(n, 1), r(n, 2)  # gh: the loss's gradient at the two heads' outputs
+    ws = [r(1, width)] + [r(width, width) for _ in range(depth - 1)]
+    heads = r(width, 2)  # mean and variance heads side by side
+    dot = lambda a, b: jnp.dot(a, b, precision=PRECISION)  # noqa: E731
+
+    @jax.jit
+    def once(x, ws, heads, gh):
+        hs, h = [], x
+        for w in ws:
+            h = dot(h, w)  # (n, width)
+            hs.append(h)
+        outs = [dot(h, heads), dot(h.T, gh)]  # heads: forward, weight gradient
+        dh = dot(gh, heads.T)  # heads: input gradient (n, width)
+        for k in range(depth - 1, -1, -1):
+            inp = x if k == 0 else hs[k - 1]
+            outs.append(dot(inp.T, dh))  # weight gradient (in, width)
+            if k > 0:
+                dh = dot(dh, ws[k].T)  # input gradient (n, width)
+        return outs
+
+    return _timed(lambda: once(x, ws, heads, gh), repeats)
+
+
+def peak_bytes(device) -> int | None:
+    """The device allocator's peak in use (GPU, TPU); None on CPU, which keeps none."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without statistics
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def trial(loop: str, weights: dict, x, y, lr: float, full: bool, epochs: int, chunk: int,
+          device, remat: bool = False, unroll: int | None = None):
+    """A benchmark trial driven as jaxhet.train drives a run: (compile seconds, run), where
+    `run()` trains `epochs` epochs from `weights` (a state dict) in chunks of `chunk` and
+    returns (seconds, loss history as numpy, loss of the final weights). Every call starts
+    from the same initial weights, so repeats time the same run."""
+    from hetcore.interchange import architecture
+    from hetcore.results import chunk_plan
+    from jaxhet.train import _put, enable_dtype
+
+    dtype = str(np.asarray(x).dtype)
+    enable_dtype(dtype)
+    width, depth = architecture(weights)
+    graphdef, params0 = _put(weights, width, depth, dtype, device)
+    xs, ys = jax.device_put(x, device), jax.device_put(y, device)
+    lr_ = jax.device_put(jnp.asarray(lr, dtype=dtype), device)
+    length, count = chunk_plan(epochs, chunk)
+
+    def fresh():
+        params = jax.tree.map(jnp.copy, params0)  # the runner donates its carry
+        return (params, optax.sgd(lr).init(params), jax.device_put(jnp.asarray(True), device))
+
+    runner, compile_s = make_runner(loop, graphdef, full, length, fresh(), xs, ys, lr_, device,
+                                    remat, unroll)
+    final = jax.jit(loss_fn, static_argnums=(1, 4))
+    t0 = time.perf_counter()
+    jax.block_until_ready(final(params0, graphdef, xs, ys, full))
+    compile_s += time.perf_counter() - t0
+
+    def run():
+        carry = fresh()
+        jax.block_until_ready(carry)
+        parts = []
+        t = time.perf_counter()
+        for c in range(count):
+            n = min(length, epochs - c * length)
+            carry, losses = runner(carry, n)
+            parts.append((n, losses))
+        jax.block_until_ready((carry, [p[1] for p in parts]))
+        seconds = time.perf_counter() - t
+        history = np.concatenate([np.asarray(losses)[:n] for n, losses in parts])
+        return seconds, history, float(final(carry[0], graphdef, xs, ys, full))
+
+    return compile_s, run

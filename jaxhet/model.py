@@ -74,9 +74,12 @@ class HeteroscedasticMLP(nnx.Module):
         self.var_head = _linear(width, 1, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        features = self.layers(x)  # (N, width)
-        mu = self.mean_head(features)  # (N, 1)
-        var = softplus(self.var_head(features)) + EPS  # (N, 1)
+        return self.heads(self.layers(x))
+
+    def heads(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """mu and var (N, 1) from the trunk's features (N, width)."""
+        mu = self.mean_head(features)
+        var = softplus(self.var_head(features)) + EPS
         return mu, var
 
 

@@ -147,7 +147,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), device)
     length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
 
-    loop = default_loop(device.platform) if settings.loop == "auto" else settings.loop
+    loop = (default_loop(device.platform, settings.epochs) if settings.loop == "auto"
+            else settings.loop)
     run_chunk, compile_s = make_runner(loop, graphdef, settings.full, length, carry, xs, ys, lr,
                                        device)
     t0 = time.perf_counter()

@@ -42,7 +42,6 @@ def swapped_transpose(monkeypatch, fresh_jax):
 @pytest.fixture
 def no_eps(monkeypatch, fresh_jax):
     monkeypatch.setattr(jaxhet.model, "EPS", 0.0)
-    monkeypatch.setattr(jaxhet.loops, "EPS", 0.0)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -31,9 +31,12 @@ class HeteroscedasticMLP(torch.nn.Module):
         self.var_head = torch.nn.Linear(width, 1, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.layers(x)  # (N, width)
-        mu = self.mean_head(features)  # (N, 1)
-        var = softplus(self.var_head(features)) + EPS  # (N, 1)
+        return self.heads(self.layers(x))
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu and var (N, 1) from the trunk's features (N, width)."""
+        mu = self.mean_head(features)
+        var = softplus(self.var_head(features)) + EPS
         return mu, var
 
 

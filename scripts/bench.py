@@ -1,0 +1,15 @@
+"""Benchmark every training loop of jaxhet and torchhet: `python scripts/bench.py [options]`.
+
+Writes bench.json, bench.txt and bench.{png,svg} (or, with --sweep, sweep.json and
+sweep.{png,svg}) under --out; see README, Performance, and hetcore/bench.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hetcore.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""scripts/bench.py on tiny workloads: the report's keys, the agreement check that fails a
+fast wrong variant, bad options, and the sweep. Speeds are measured, never asserted."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hetcore import bench
+from tests.conftest import ROOT
+
+TINY = ["--preset", "none", "--n-points", "40", "--width", "8", "--epochs", "12",
+        "--chunk-epochs", "5", "--repeats", "5", "--peak-size", "64"]
+
+
+def _run(tmp_path, *extra, extra_variants=None):
+    out = tmp_path / "bench"
+    code = bench.main([*TINY, "--out", str(out), *extra], extra_variants=extra_variants)
+    return code, out
+
+
+def test_bench_writes_the_documented_report(tmp_path, capsys):
+    code, out = _run(tmp_path, "--variants", "jax:scan,torch:eager,torch:optim")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "bench.json").read_text())
+    for key in ("device", "threads", "precision", "workload", "flops_per_epoch", "flops_source",
+                "references", "variants", "agreement", "fastest", "versions", "repeats"):
+        assert key in report, key
+    refs = report["references"]
+    assert refs["peak"]["best"]["gflops"] > 0 and refs["floor"]["best"]["ms"] > 0
+    assert refs["floor"]["matmul_flops"] == bench.matmul_flops(40, 8, 2)
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["jax:scan", "torch:eager", "torch:optim"]
+    for v in report["variants"]:
+        m = v["ms_per_epoch"]
+        assert len(m["all"]) == 5 and m["min"] <= m["median"] <= m["max"], v["name"]
+        for key in ("compile_s", "gflops", "fraction_of_peak", "floor_over_time", "final_loss",
+                    "peak_bytes", "activation_bytes", "run_s", "check"):
+            assert key in v, (v["name"], key)
+        assert v["check"]["float32_max_gap"] <= bench.CHECK_ATOL
+        assert "float64_final_loss" in v["check"]
+    assert report["agreement"]["ok"] and report["agreement"]["failures"] == []
+    assert set(report["fastest"]) == {"jax", "torch"}
+    for name in ("bench.txt", "bench.png", "bench.svg"):
+        assert (out / name).stat().st_size > 0
+    assert "agreement: ok" in (out / "bench.txt").read_text()
+
+
+def _broken(scale):
+    """A torch variant that is wrong in a way speed would not show: a scaled learning rate."""
+
+    def trial(w, x, y, lr, full, epochs, chunk):
+        import torch
+
+        from torchhet.loops import trial as torch_trial
+
+        return torch_trial("optim", w, x, y, lr * scale, full, epochs, chunk,
+                           torch.device("cpu"))
+
+    return trial
+
+
+def test_a_fast_wrong_variant_fails_the_benchmark(tmp_path, capsys):
+    code, out = _run(tmp_path, "--variants", "jax:scan,torch:eager",
+                     extra_variants={"broken": _broken(1.5)})
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: variants disagree") and "broken" in err
+    report = json.loads((out / "bench.json").read_text())
+    assert not report["agreement"]["ok"]
+    assert all("broken" in f for f in report["agreement"]["failures"])
+
+
+def test_the_same_variant_injected_agrees(tmp_path):
+    # The check is not simply "anything injected fails".
+    code, _ = _run(tmp_path, "--variants", "torch:eager", "--check", "float32",
+                   extra_variants={"same": _broken(1.0)})
+    assert code == 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--variants", "jax:nope"], "--variants jax:nope"),
+    (["--variants", "torch:cudagraph", "--device", "cpu"], "CUDA"),
+    (["--repeats", "0"], "--repeats"),
+    (["--device", "tpu"], "--device"),
+    (["--sweep", "--points", "10,x"], "--points"),
+    (["--no-such-option"], "unrecognized"),
+    (["--epochs", "many"], "--epochs"),
+])
+def test_bad_options_exit_2_with_one_line(argv, needle, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), *TINY, *argv,
+         "--out", str(tmp_path / "b")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_sweep_on_a_tiny_grid(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # 5e8 points: skipped by the time or the memory estimate on any machine.
+    code = bench.main(["--sweep", "--points", "30,60,500000000", "--widths", "4", "--repeats", "2",
+                       "--variants", "jax:scan,torch:eager", "--remat", "--peak-size", "64",
+                       "--max-epoch-s", "0.05", "--repeat-seconds", "0.01",
+                       "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "sweep.json").read_text())
+    rows = report["rows"]
+    timed = [r for r in rows if "ms_per_epoch" in r]
+    assert {(r["n_points"], r["width"]) for r in timed} == {(30, 4), (60, 4)}
+    assert {r["name"] for r in timed} == {"jax:scan", "jax:scan+remat", "torch:eager",
+                                          "torch:eager+remat"}
+    assert all("skipped" in r for r in rows if r["n_points"] == 500000000)
+    for r in timed:
+        assert r["peak_bytes"] > 0 and r["activation_bytes"] >= 0 and r["fraction_of_peak"] > 0
+    largest = {(r["name"], r["width"]): r for r in report["largest"]}
+    assert set(largest) == {(n, w) for n in ("jax:scan", "jax:scan+remat", "torch:eager",
+                                             "torch:eager+remat") for w in (4,)}
+    for r in largest.values():
+        assert r["bytes_per_point"] > 0
+        assert r["largest_n_points"] * r["bytes_per_point"] + r["fixed_bytes"] <= 24 * 2**30
+    assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_largest_points_is_the_line_through_the_peaks():
+    rows = [{"name": "v", "width": 4, "n_points": n, "peak_bytes": 1000 + 10 * n}
+            for n in (10, 20, 40)]
+    (r,) = bench.largest_points(rows, budget=2000)
+    assert r["bytes_per_point"] == pytest.approx(10)
+    assert r["largest_n_points"] == 100
+    assert np.isclose(r["fixed_bytes"], 1000)

@@ -1,0 +1,155 @@
+"""Every training loop trains the same run: same losses from the same initial weights,
+warm-up that does not advance the weights, rematerialisation that changes memory only."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import jaxhet.loops as jloops
+import jaxhet.train as jtrain
+import torchhet.loops as tloops
+import torchhet.train as ttrain
+from hetcore.errors import UsageError
+from hetcore.settings import LOOPS, Settings
+
+CUDA = torch.cuda.is_available()
+TORCH_LOOPS = [pytest.param(loop, marks=pytest.mark.skipif(
+    loop in tloops.CUDA_ONLY and not CUDA, reason="needs CUDA")) for loop in LOOPS["torch"]]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A small float64 problem (float64: loops that differ only in rounding agree to ~1e-15,
+    while a skipped, doubled or shifted epoch is off by far more)."""
+    from hetcore.data import synthetic
+    from hetcore.interchange import shapes
+
+    rng = np.random.default_rng(3)
+    state = {n: (rng.standard_normal(s) * 0.5).astype("float64")
+             for n, s in shapes(12, 2).items()}
+    x, y = synthetic(40, 5).columns("float64")
+    s = Settings(framework="torch", device="gpu" if CUDA else "cpu", preset="none", epochs=19,
+                 lr=0.05, width=12, dtype="float64", chunk_epochs=6)
+    return state, x, y, s
+
+
+@pytest.fixture(scope="module")
+def eager_run(problem):
+    state, x, y, s = problem
+    return ttrain.train(s.replace(loop="eager"), x, y, state)
+
+
+@pytest.mark.parametrize("loop", TORCH_LOOPS)
+def test_every_torch_loop_trains_the_eager_run(loop, problem, eager_run):
+    # compile and the CUDA loops warm up (compile, capture) on the run's own weights and
+    # must put them back: epoch 0's loss is the initial weights' loss.
+    state, x, y, s = problem
+    r = ttrain.train(s.replace(loop=loop), x, y, state)
+    assert r.loop == loop
+    np.testing.assert_allclose(r.loss_history, eager_run.loss_history, rtol=1e-12, atol=1e-13)
+    for n in state:
+        np.testing.assert_allclose(r.weights[n], eager_run.weights[n], rtol=1e-11, atol=1e-13,
+                                   err_msg=n)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("loop", tloops.CUDA_ONLY)
+def test_cuda_loops_refuse_a_cpu_device(loop, problem):
+    state, x, y, s = problem
+    with pytest.raises(UsageError) as info:
+        ttrain.train(s.replace(loop=loop, device="cpu"), x, y, state)
+    msg = str(info.value)
+    assert "CUDA" in msg and loop in msg and "\n" not in msg
+
+
+def _jax_trial(loop, state, x, y, remat=False, unroll=None, epochs=19, chunk=6):
+    _, run = jloops.trial(loop, state, x, y, 0.05, False, epochs, chunk, jax.devices("cpu")[0],
+                          remat, unroll)
+    return run()
+
+
+def test_jax_variants_train_the_same_run(problem):
+    # scan and step, unrolled and rematerialised: the numpy-free reference is scan itself.
+    state, x, y, _ = problem
+    _, ref, ref_final = _jax_trial("scan", state, x, y)
+    eager = ttrain.train(problem[3].replace(loop="eager", device="cpu"), x, y, state)
+    np.testing.assert_allclose(ref, eager.loss_history, rtol=1e-12, atol=1e-13)
+    for loop, remat, unroll in [("step", False, None), ("scan", True, 4)]:
+        _, hist, final = _jax_trial(loop, state, x, y, remat, unroll)
+        np.testing.assert_allclose(hist, ref, rtol=1e-12, atol=1e-13,
+                                   err_msg=f"{loop} remat={remat} unroll={unroll}")
+        assert final == pytest.approx(ref_final, rel=1e-12)
+
+
+def test_trials_repeat_the_same_run(problem):
+    # A benchmark repeat restarts from the initial weights: identical histories.
+    state, x, y, _ = problem
+    _, run = tloops.trial("optim", state, x, y, 0.05, False, 13, 5, torch.device("cpu"))
+    a, b = run(), run()
+    np.testing.assert_array_equal(a[1], b[1])
+    _, run = jloops.trial("scan", state, x, y, 0.05, False, 13, 5, jax.devices("cpu")[0])
+    a, b = run(), run()
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_torch_remat_changes_nothing_but_memory(problem, eager_run):
+    state, x, y, s = problem
+    _, run = tloops.trial("eager", state, x, y, s.lr, False, s.epochs, s.chunk_epochs,
+                          torch.device("cpu"), remat=True)
+    _, hist, _ = run()
+    np.testing.assert_allclose(hist, eager_run.loss_history, rtol=1e-13, atol=1e-14)
+
+
+def test_remat_keeps_fewer_activations(small_state, small_data):
+    state = small_state(width=64, depth=3)
+    x, y = small_data(n=200)
+    graphdef, params = jtrain._put(state, 64, 3, "float32", jax.devices("cpu")[0])
+    plain = jloops.activation_bytes(graphdef, False, params, x, y, remat=False)
+    remat = jloops.activation_bytes(graphdef, False, params, x, y, remat=True)
+    assert 0 < remat < plain
+    model = ttrain._build(state, "float32", torch.device("cpu"))
+    xs, ys = torch.tensor(x), torch.tensor(y)
+    t_plain = tloops.activation_bytes(model, xs, ys, False, remat=False)
+    t_remat = tloops.activation_bytes(model, xs, ys, False, remat=True)
+    # depth 3: plain keeps every block's output; remat keeps only block inputs
+    assert 0 < t_remat < t_plain
+    # each (N, width) float32 activation is 200*64*4 bytes: at least the trunk's outputs
+    assert t_plain >= 3 * 200 * 64 * 4
+
+
+def test_defaults_are_loops_of_their_framework():
+    for platform in ("cpu", "gpu", "tpu"):
+        assert jloops.default_loop(platform) in LOOPS["jax"]
+    for device_type in ("cpu", "cuda"):
+        assert tloops.default_loop(device_type) in LOOPS["torch"]
+    assert tloops.default_loop("cpu") not in tloops.CUDA_ONLY
+    assert tloops.default_loop("cpu", 500) == "eager"  # the lecture's run: no compile wait
+    assert tloops.default_loop("cpu", 10**6) == "compile"  # long enough to pay it back
+    assert tloops.default_loop("cuda") == "cudagraph"
+
+
+def test_reference_timers_time_something():
+    dev = jax.devices("cpu")[0]
+    for times in (jloops.matmul_seconds(64, "float32", dev, 3),
+                  jloops.floor_seconds(50, 16, 2, "float32", dev, 3),
+                  tloops.matmul_seconds(64, torch.float32, torch.device("cpu"), 3),
+                  tloops.floor_seconds(50, 16, 2, torch.float32, torch.device("cpu"), 3)):
+        assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_xla_counts_the_lecture_epoch_flops():
+    # SPEC section 6: the lecture epoch's matrix products are about 790.5 MFLOP; XLA adds
+    # the element-wise work on top.
+    from hetcore import data, interchange
+    from hetcore.bench import matmul_flops
+
+    x, y = data.lecture().columns("float32")
+    import optax
+
+    graphdef, params = jtrain._put(interchange.lecture_weights(), 512, 2, "float32",
+                                   jax.devices("cpu")[0])
+    carry = (params, optax.sgd(1e-3).init(params), jax.numpy.asarray(True))
+    flops = jloops.epoch_flops(graphdef, False, carry, x, y, np.float32(1e-3))
+    assert matmul_flops(500, 512, 2) == 790_528_000
+    assert 790.5e6 <= flops <= 1.02 * 790.5e6
