@@ -70,15 +70,19 @@ def loss_fn(params, graphdef, x, y, full: bool, remat: bool = False):
 def epoch(graphdef, full: bool, carry, x, y, lr, active, remat: bool = False):
     """One SGD epoch; `active` false (masked tail) or a non-finite loss leaves carry as is.
 
-    carry = (params, opt_state, ok); `ok` turns false at the first non-finite loss, so that
-    the weights stay those of the last finite step and later epochs do nothing.
+    carry = (params, opt_state, ok); `ok` turns false at the first non-finite loss or
+    update, so that the weights stay those of the last finite step and later epochs do
+    nothing.
     """
     params, opt_state, ok = carry
     tx = optax.sgd(lr)
     loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, full, remat)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss)
+    # A finite loss whose update makes a weight inf or nan is refused too (one reduction,
+    # fused with the update); the driver then names the epoch (jaxhet.train).
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+        [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(new_params)]))
     apply = ok & active & finite
     keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
     params = jax.tree.map(keep, new_params, params)

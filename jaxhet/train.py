@@ -171,6 +171,21 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         elif progress is not None:
             progress(start + n, float(part[-1]))
 
+    weights_diverged = False
+
+    def weights_failed(carry, done: int) -> None:
+        """After a sync: `ok` false with every loss finite means an update was refused for
+        making weights non-finite. From that epoch on the weights no longer change, so the
+        losses repeat bit for bit: the refused epoch starts the final run of equal losses."""
+        nonlocal diverged, weights_diverged
+        if bool(carry[2]):
+            return
+        h = history[:done]
+        e = done - 1
+        while e > first and h[e - 1] == h[e]:
+            e -= 1
+        diverged, weights_diverged = e, True
+
     for start, n, checkpoint_after in spans(first, settings.epochs, length,
                                             settings.checkpoint_every):
         carry, losses = run_chunk(carry, n)
@@ -178,6 +193,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         if checkpoint_after and on_checkpoint is not None:
             while pending and diverged is None:
                 consume()
+            if diverged is None:
+                weights_failed(carry, start + n)
             if diverged is None:  # a diverged chunk never replaces the last good checkpoint
                 on_checkpoint(start + n, to_state_dict(carry[0]),
                               {str(i): np.asarray(a) for i, a in
@@ -192,8 +209,11 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     params = carry[0]
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t0
+    if diverged is None:
+        weights_failed(carry, settings.epochs)
     if diverged is not None:
-        raise TrainingDiverged(FRAMEWORK, diverged, float(history[diverged]))
+        raise TrainingDiverged(FRAMEWORK, diverged, float(history[diverged]),
+                               weights=weights_diverged)
 
     mu, var, loss = forward(params, xs, ys)
     return RunResult(

@@ -191,3 +191,41 @@ def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_d
         ttrain.train(s, x, y, state)
     assert info.value.epoch == 3  # chunks of 4 epochs: 12 = 3 x 4; epoch 3 ends the first
     assert "update of epoch 3" in str(info.value)
+
+
+def test_jax_names_the_update_that_made_weights_nonfinite(small_state, small_data, monkeypatch):
+    # Mirror of the torch test: an update that leaves the loss finite but a weight infinite.
+    # The compiled epoch refuses it, the weights stop there, and the run names that epoch.
+    import jax.numpy as jnp
+    import optax
+
+    import jaxhet.loops
+
+    state = small_state(width=8, depth=1)
+    x, y = small_data(n=20)
+    s = Settings(device="cpu", preset="none", epochs=12, lr=0.01, width=8, depth=1,
+                 chunk_epochs=5)
+    clean = jtrain.train(s, x, y, state)
+    # The weights entering epoch 6 of the clean run (after 6 updates) identify that epoch.
+    marker = jtrain.train(s.replace(epochs=6), x, y, state).weights["mean_head.bias"]
+    real = optax.apply_updates
+
+    def broken(params, updates):
+        new = real(params, updates)
+        hit = jnp.all(params["mean_head"]["bias"][...] == jnp.asarray(marker))
+        kernel = new["var_head"]["kernel"]
+        kernel[...] = jnp.where(hit, jnp.full_like(kernel[...], jnp.inf), kernel[...])
+        return new
+
+    monkeypatch.setattr(jaxhet.loops.optax, "apply_updates", broken)
+    monkeypatch.setattr(jaxhet.loops, "_compiled", {})  # compile the broken epoch afresh
+    jax.clear_caches()  # and trace it afresh: jit keeps the clean run's trace
+    try:
+        with pytest.raises(TrainingDiverged) as info:
+            jtrain.train(s, x, y, state)
+    finally:  # no later test may reuse the broken trace
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert info.value.epoch == 6, info.value
+    assert "update of epoch 6" in str(info.value)
+    assert np.all(np.isfinite(clean.loss_history))
