@@ -460,7 +460,8 @@ def final_floor_check(quantity: str, a, b, floor_pairs: list, dtype: str,
 
 
 def reference_check(label: str, run, others: list, reference, dtype: str,
-                    factor: float = FLOOR_FACTOR, lag: int = FLOOR_LAG) -> tuple[Check, dict]:
+                    factor: float = FLOOR_FACTOR, lag: int = FLOOR_LAG,
+                    own_twins: list = ()) -> tuple[Check, dict]:
     """Does a float32 curve stay as close to the float64 reference as the other float32 runs?
 
     run: this framework's float32 curve; others: the other framework's float32 curve and
@@ -469,9 +470,13 @@ def reference_check(label: str, run, others: list, reference, dtype: str,
     others, `lag` epochs ahead (or of ROUNDING_ULPS ulps); once the others have left the
     reference (DECORRELATED), its mean distance must stay within MEAN_FACTOR of theirs.
     Applied to each framework in turn, this says both stay as close to float64 as each other.
+
+    own_twins: this framework's one-ulp runs. How far a one-ulp nudge moves this very run
+    (a ReLU that flips, say) is also allowed: a run is only defined to within that, so its
+    distance from float64 cannot be asked to be smaller.
     """
     mine = gap(run, reference)
-    theirs = [gap(o, reference) for o in others]
+    theirs = [gap(o, reference) for o in others] + [gap(run, t) for t in own_twins]
     check, curves = floor_check(
         f"loss vs float64 reference ({label})", run, reference, theirs, dtype,
         labels=(f"{label} {dtype}", "float64"), factor=factor, lag=lag,

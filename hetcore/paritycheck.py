@@ -242,7 +242,8 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
         all_twins = [t.loss_history for n in mods for t in twins[n]]
         for n, other in (("jax", "torch"), ("torch", "jax")):
             c, rc = parity.reference_check(n, runs[n].loss_history,
-                                           [runs[other].loss_history] + all_twins, ref, dtype)
+                                           [runs[other].loss_history] + all_twins, ref, dtype,
+                                           own_twins=[t.loss_history for t in twins[n]])
             checks += parity.phase_checks(c, rc)
             ref_curves[f"distance_{n}"] = rc["distance"]
         ref_curves["distance_twins"] = [parity.gap(t, ref) for t in all_twins]
