@@ -5,13 +5,16 @@
 #   OUT=/some/dir bash scripts/gpu_bench.sh        # default OUT: runs/gpu-bench
 #
 # Needs python with jax (CUDA), flax, optax, torch (CUDA), numpy, safetensors, matplotlib.
-# Writes under $OUT: env.txt (nvidia-smi, versions), bench/ (bench.json, bench.txt,
+# Writes $OUT/gpu-bench.tgz holding env.txt (nvidia-smi, versions), bench/ (bench.json, bench.txt,
 # bench.{png,svg}: every loop on the lecture workload), sweep/ (sweep.json,
 # sweep.{png,svg}), train/ (the train command's own timings at 500 and 1000 epochs, the
 # check the issue describes), and a log of each step. A failing step does not stop the
 # others; the exit status is the first failure's.
 set -u
-OUT="${OUT:-runs/gpu-bench}"
+FINAL="${OUT:-runs/gpu-bench}"
+# The device tool brings back at most 8 files from $OUT: work in a scratch directory and
+# leave in $OUT one archive of everything plus the step log and the benchmark table.
+OUT="$(mktemp -d /tmp/gpu-bench.XXXXXX)"
 PY="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,4 +51,9 @@ done
 step sweep env XLA_PYTHON_CLIENT_ALLOCATOR=platform "$PY" scripts/bench.py --device gpu --sweep \
   --variants jax:scan,torch:cudagraph --remat --repeats 5 --repeat-seconds 0.1 \
   --points 500,10000,100000,1000000 --widths 64,512,4096 --out "$OUT/sweep"
+mkdir -p "$FINAL"
+tar -czf "$FINAL/gpu-bench.tgz" -C "$OUT" .
+cp "$OUT/steps.log" "$FINAL/" 2>/dev/null
+cp "$OUT/bench/bench.txt" "$FINAL/" 2>/dev/null
+echo "wrote $FINAL/gpu-bench.tgz"
 exit $status
