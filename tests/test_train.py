@@ -229,3 +229,18 @@ def test_jax_names_the_update_that_made_weights_nonfinite(small_state, small_dat
     assert info.value.epoch == 6, info.value
     assert "update of epoch 6" in str(info.value)
     assert np.all(np.isfinite(clean.loss_history))
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS, ids=["jax", "torch"])
+def test_both_frameworks_name_the_same_epoch_for_a_weight_blowup(fw, small_state, small_data):
+    # lr 3.4e38 with targets far off (gradients well above 1) sends a weight to inf in the
+    # first update while that epoch's loss is finite: both frameworks must name that
+    # update, not the non-finite loss that follows it.
+    state = small_state(width=8, depth=1)
+    x, y = small_data(n=20)
+    y = y * 1000
+    s = Settings(framework=fw.FRAMEWORK, device="cpu", preset="none", epochs=20, lr=3.4e38,
+                 width=8, depth=1, chunk_epochs=10)
+    with pytest.raises(TrainingDiverged) as info:
+        fw.train(s, x, y, state)
+    assert info.value.epoch == 0 and "update of epoch 0" in str(info.value), info.value

@@ -150,16 +150,20 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         part = losses[:n].cpu().numpy()
         history[start:start + n] = part
         bad = first_nonfinite(part)
-        if bad is not None:
-            raise TrainingDiverged(FRAMEWORK, start + bad, float(part[bad]))
-        if not _finite(params):  # a finite loss, but an update made weights inf or nan
+        if bad is not None or not _finite(params):
+            # Replay the chunk epoch by epoch (deterministic) to name what failed first, as
+            # jaxhet's compiled epoch does: a non-finite loss, or an update that made the
+            # weights non-finite while its loss was finite (then the next loss is nan).
             with torch.no_grad():
                 for p, b in zip(params, before):
                     p.copy_(b)
-            for i in range(n):  # replay epoch by epoch (deterministic) to name the epoch
+            for i in range(n if bad is None else bad + 1):
                 run_chunk(1, losses)
+                if not np.isfinite(part[i]):
+                    break
                 if not _finite(params):
                     raise TrainingDiverged(FRAMEWORK, start + i, float(part[i]), weights=True)
+            raise TrainingDiverged(FRAMEWORK, start + bad, float(part[bad]))
         if progress is not None:
             progress(start + n, float(part[-1]))
         if checkpoint_after and on_checkpoint is not None:
