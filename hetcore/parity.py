@@ -365,7 +365,7 @@ def floor_check(quantity: str, a, b, floor_gaps: list, dtype: str,
     bad = np.flatnonzero(ratio > 1)
     at = int(bad[0]) if bad.size else worst
     d = diff(a, b)
-    phase = (f"rounding twins stay correlated throughout" if t_dec is None
+    phase = ("rounding twins stay correlated throughout" if t_dec is None
              else f"rounding twins decorrelate from epoch {t_dec}")
     check = Check(
         quantity=quantity, dtype=dtype, max_abs=d["max_abs"], max_rel=d["max_rel"],
