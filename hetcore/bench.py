@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from hetcore import hostmem
 from hetcore.errors import UsageError
 
 GIB = 1024 ** 3
@@ -768,6 +769,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     """The benchmark or the sweep as `args` say; returns the exit status."""
     _check_args(args)
     threads = pin_threads(args.threads)
+    host_malloc = hostmem.keep_freed_memory()  # both frameworks alike, before either starts
     # JAX must not take most of a GPU's memory up front: torch shares the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     spec = args.variants
@@ -803,7 +805,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
                        _ints(args.widths, "--widths"), args.depth, args.repeats, peak, max_s,
                        limit, args.memory_gib * GIB, log, args.repeat_seconds)
         report = {"device": device, "threads": threads, "precision": precision,
-                  "references": refs, "versions": versions,
+                  "host_malloc": host_malloc, "references": refs, "versions": versions,
                   "machine_load": {"start": load_start, "end": _load()},
                   "environment": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
                   **result}
@@ -850,6 +852,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
             del r["history"]
     report = {
         "device": device, "threads": threads, "precision": precision,
+        "host_malloc": host_malloc,
         "workload": {"n_points": args.n_points, "width": args.width, "depth": args.depth,
                      "epochs": args.epochs, "lr": args.lr, "chunk_epochs": args.chunk_epochs,
                      "dtype": "float32", **source},
@@ -879,7 +882,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     return 0
 
 
-ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "XLA_FLAGS",
+ENV_KEYS = ("HET_HOST_MALLOC", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "XLA_FLAGS",
             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 

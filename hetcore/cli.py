@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from hetcore import checkpoint, data, interchange, outputs
+from hetcore import checkpoint, data, hostmem, interchange, outputs
 from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.metrics import final_metrics
 from hetcore.results import RunResult
@@ -215,6 +215,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         out = args.out or outputs.default_out(settings.framework)
         outputs.check_out(out, args.overwrite)
     names = ["jax", "torch"] if settings.framework == "both" else [settings.framework]
+    host_malloc = hostmem.keep_freed_memory()  # before a framework allocates anything
     modules = {n: load_framework(n) for n in names}
     devices = {n: m.resolve_device(settings.device) for n, m in modules.items()}
 
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weights, weights_source = initial_weights(settings, modules[names[0]])
     config = {**settings.to_dict(), "data_source": dataset.source, "data_sha256": digest,
               "init_source": weights_source, "n_points_used": int(x.shape[0]),
-              "out": os.path.abspath(out), "resumed_from_epoch": {fw: c.epoch for fw, c in ckpts.items()}}
+              "host_malloc": host_malloc, "out": os.path.abspath(out), "resumed_from_epoch": {fw: c.epoch for fw, c in ckpts.items()}}
 
     def saver(fw: str):
         if not settings.checkpoint_every:
