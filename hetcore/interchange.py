@@ -98,8 +98,13 @@ def read(path: str, label: str = "--init-from", max_bytes: int | None = None
         raise UsageError(f"{label} {path}: {size} bytes is more than the {max_bytes} that the "
                          "expected tensors take")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head, brace = f.read(8), f.read(1)
+    # safetensors opens with its header's length (u64, little-endian) and the header's "{";
+    # only what does not is judged by its first bytes (a header of 128 + 256k bytes also
+    # opens with 0x80, as a pickle does).
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    looks_safetensors = brace == b"{" and 0 < header_len <= size - 8
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise UsageError(
             f"{label} {path}: looks like a pickle or torch.save file, which is refused; "
             "use safetensors"

@@ -81,6 +81,28 @@ def test_check_names_the_offending_tensor(small_state):
         interchange.check(state, 16, 2, "float32")
 
 
+@pytest.mark.parametrize("opening", [b"\x80", b"PK"])
+def test_a_header_length_that_opens_like_a_pickle_or_zip_is_read(tmp_path, small_state,
+                                                                   opening):
+    # The header's length comes first: 128 + 256k bytes open with 0x80 as a pickle does,
+    # 0x4B50 + 65536k with "PK" as a zip (torch.save) does. Such files are still safetensors.
+    state = small_state()
+    path = tmp_path / "w.safetensors"
+    interchange.write(str(path), state, {"note": ""})
+    start = int.from_bytes(path.read_bytes()[:8], "little")
+    target = int.from_bytes(opening, "little")  # the header length's low byte(s)
+    base = start + (target - start) % (256 ** len(opening))
+    for pad in range(max(0, base - start - 16), base - start + 16):  # 8-byte alignment
+        interchange.write(str(path), state, {"note": "x" * pad})
+        if path.read_bytes()[:len(opening)] == opening:
+            break
+    else:
+        pytest.fail(f"no padding opened the file with {opening!r}")
+    back = interchange.read(str(path))
+    for n, a in state.items():
+        np.testing.assert_array_equal(back[n], a)
+
+
 def test_read_refuses_pickles_and_garbage(tmp_path, small_state):
     pickle_path = tmp_path / "w.pt"
     torch.save({"a": torch.ones(1)}, pickle_path)
