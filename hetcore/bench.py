@@ -3,8 +3,8 @@ data, initial weights, precision and thread count, set against references measur
 same run (SPEC section 6).
 
 - Each variant is compiled or warmed up once (timed apart), then trains the whole run from
-  the initial weights `--repeats` times, driven in chunks exactly as the train command
-  drives it (jaxhet.loops.trial, torchhet.loops.trial); repeats go round-robin over the
+  the initial weights `--repeats` times through the train command's own driver
+  (jaxhet.train.train, torchhet.train.train; `via_train`); repeats go round-robin over the
   variants so that a noisy neighbour on the machine hurts them alike. Reported: median,
   min and max seconds per epoch.
 - FLOPs per epoch: XLA's cost analysis of jaxhet's compiled epoch, used for every variant.
@@ -24,6 +24,7 @@ Frameworks are imported inside functions only (hetcore imports neither at module
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -65,6 +66,53 @@ class Variant:
 
 # ---- the two frameworks, behind one small interface -----------------------------------
 
+@contextlib.contextmanager
+def _setting(module, name: str, value):
+    """`module.name = value` for the duration (a variant's own knob, e.g. JAX's unroll)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def via_train(framework: str, loop: str, device: str, remat: bool = False,
+              knob: tuple | None = None) -> Callable:
+    """A variant's trial that runs the train command's own driver (jaxhet.train.train or
+    torchhet.train.train: chunks, host syncs, divergence checks, all of it) on the same
+    data and initial weights every time. trial(...) compiles or warms up and trains once
+    (discarded), then returns (compile or warm-up seconds, run); run() trains the whole run
+    again from the initial weights and returns (its training seconds, loss history, loss
+    of the final weights). `knob` = (module, name, value) is set around every call."""
+    import importlib
+
+    from hetcore.interchange import architecture
+    from hetcore.settings import Settings
+
+    def trial(w, x, y, lr, full, epochs, chunk, remat=remat):
+        train = importlib.import_module(f"{framework}het.train").train
+        width, depth = architecture(w)
+        settings = Settings(framework=framework, device=device, preset="none", epochs=epochs,
+                            lr=lr, n_points=len(x), width=width, depth=depth,
+                            dtype=str(x.dtype), full=full, chunk_epochs=chunk, loop=loop,
+                            remat=remat)
+
+        def once():
+            with _setting(*knob) if knob else contextlib.nullcontext():
+                return train(settings, x, y, w)
+
+        first = once()
+
+        def run():
+            r = once()
+            return r.train_s, r.loss_history, r.final_loss
+
+        return first.compile_s, run
+
+    return trial
+
+
 class _Jax:
     name = "jax"
 
@@ -75,7 +123,8 @@ class _Jax:
         from jaxhet.device import describe, resolve_device
 
         self.jax, self.loops = jax, loops
-        self.device = resolve_device("gpu" if device == "gpu" else device)
+        self.device_arg = device
+        self.device = resolve_device(device)
         self.kind = self.device.platform
         self.describe = describe(self.device)
 
@@ -83,10 +132,8 @@ class _Jax:
         return self.jax.__version__
 
     def variant(self, loop: str, remat: bool = False, unroll: int | None = None) -> Variant:
-        dev = self.device
-
-        def trial(w, x, y, lr, full, epochs, chunk, remat=remat):
-            return self.loops.trial(loop, w, x, y, lr, full, epochs, chunk, dev, remat, unroll)
+        knob = None if unroll is None else (self.loops, "UNROLL", unroll)
+        trial = via_train("jax", loop, self.device_arg, remat, knob)
 
         def memory(w, x, y, lr, full, chunk, epochs):
             return self._memory(loop, w, x, y, lr, full, chunk, epochs, remat)
@@ -143,6 +190,7 @@ class _Torch:
         from torchhet.device import describe, resolve_device
 
         self.torch, self.loops = torch, loops
+        self.device_arg = device
         self.device = resolve_device(device)
         self.kind = "gpu" if self.device.type == "cuda" else "cpu"
         self.describe = describe(self.device)
@@ -153,21 +201,16 @@ class _Torch:
     def version(self) -> str:
         return self.torch.__version__
 
-    def _precision(self):
-        # torchhet.train sets "highest" on every run; the labelled TF32 option re-allows it
-        # after that, per trial.
-        if self.tf32:
-            self.torch.set_float32_matmul_precision("high")
+    def _knob(self) -> tuple | None:
+        """The labelled TF32 option: torchhet.train's matmul precision, for these runs."""
+        if not self.tf32:
+            return None
+        import torchhet.train
+
+        return (torchhet.train, "MATMUL_PRECISION", "high")
 
     def variant(self, loop: str, remat: bool = False) -> Variant:
-        dev = self.device
-
-        def trial(w, x, y, lr, full, epochs, chunk, remat=remat):
-            from torchhet.train import enable_dtype
-
-            enable_dtype(str(x.dtype))
-            self._precision()
-            return self.loops.trial(loop, w, x, y, lr, full, epochs, chunk, dev, remat)
+        trial = via_train("torch", loop, self.device_arg, remat, self._knob())
 
         def memory(w, x, y, lr, full, chunk, epochs):
             return self._memory(loop, w, x, y, lr, full, chunk, epochs, remat)
@@ -187,10 +230,10 @@ class _Torch:
             del model
             torch.cuda.empty_cache()
             self.loops.reset_peak(dev)
-            _, run = self.loops.trial(loop, w, x, y, lr, full, min(epochs, 3), chunk, dev, remat)
-            run()
+            via_train("torch", loop, self.device_arg, remat, self._knob())(
+                w, x, y, lr, full, min(epochs, 3), chunk)
             out["peak_bytes"] = self.loops.peak_bytes(dev)
-            out["peak_memory_method"] = "CUDA caching allocator peak over warm-up and 3 epochs"
+            out["peak_memory_method"] = "CUDA caching allocator peak over a 3-epoch run"
         else:
             params = sum(p.numel() * p.element_size() for p in model.parameters())
             data = xs.numel() * xs.element_size() * 2

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", default=d.loop, metavar="NAME",
                    help="training loop: jax scan|step, torch eager|optim|compile|cudagraph|"
                    "reduce-overhead; auto (default) takes the device's fastest")
+    p.add_argument("--remat", action="store_true",
+                   help="rematerialise the trunk in the backward pass (jax.checkpoint, "
+                   "torch.utils.checkpoint): less activation memory, one more forward")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
                    help="write DIR/checkpoint-<framework>.safetensors every K epochs (0: never)")
     p.add_argument("--resume", metavar="DIR",
@@ -78,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lr=args.lr, seed=args.seed, n_points=args.n_points, width=args.width, depth=args.depth,
         dtype=args.dtype, full=args.full, data=args.data, init_from=args.init_from,
         chunk_epochs=args.chunk_epochs, loop=args.loop, checkpoint_every=args.checkpoint_every,
+        remat=args.remat,
     )
 
 
@@ -173,7 +177,7 @@ def summary(result: RunResult, metrics: dict) -> str:
 
 # Options that shape a run; with --resume they come from the checkpoint.
 _RUN_OPTIONS = ("framework", "preset", "epochs", "lr", "seed", "n_points", "width", "depth",
-                "dtype", "full", "data", "init_from", "chunk_epochs", "loop", "checkpoint_every")
+                "dtype", "full", "data", "init_from", "chunk_epochs", "loop", "checkpoint_every", "remat")
 
 
 def resume_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):

@@ -36,6 +36,9 @@ class Settings:
       chunk_epochs: epochs per compiled chunk; the progress bar moves once per chunk.
       loop: the training loop (LOOPS), "auto" for the device's fastest.
       checkpoint_every: write a checkpoint every this many epochs (0: never).
+      remat: rematerialise the trunk in the backward pass (about sqrt(depth) segments whose
+        activations are recomputed instead of kept): less memory, one more trunk forward,
+        the same run.
     """
 
     framework: str = "jax"
@@ -54,6 +57,7 @@ class Settings:
     chunk_epochs: int = 100
     loop: str = "auto"
     checkpoint_every: int = 0
+    remat: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -154,3 +158,5 @@ def validate(s: Settings) -> None:
                 )
     if not isinstance(s.full, bool):
         raise UsageError(f"--full: expected a boolean, got {s.full!r}")
+    if not isinstance(s.remat, bool):
+        raise UsageError(f"--remat: expected a boolean, got {s.remat!r}")

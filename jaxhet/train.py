@@ -150,7 +150,7 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     loop = (default_loop(device.platform, settings.epochs) if settings.loop == "auto"
             else settings.loop)
     run_chunk, compile_s = make_runner(loop, graphdef, settings.full, length, carry, xs, ys, lr,
-                                       device)
+                                       device, settings.remat)
     t0 = time.perf_counter()
     fkey = ("forward", graphdef, settings.full, signature((params, xs, ys)), device)
     forward = compile_once(_forward_jit, fkey, graphdef, settings.full, params, xs, ys)

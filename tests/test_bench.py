@@ -53,12 +53,8 @@ def _broken(scale):
     """A torch variant that is wrong in a way speed would not show: a scaled learning rate."""
 
     def trial(w, x, y, lr, full, epochs, chunk):
-        import torch
-
-        from torchhet.loops import trial as torch_trial
-
-        return torch_trial("optim", w, x, y, lr * scale, full, epochs, chunk,
-                           torch.device("cpu"))
+        return bench.via_train("torch", "optim", "cpu")(w, x, y, lr * scale, full, epochs,
+                                                         chunk)
 
     return trial
 

@@ -181,3 +181,17 @@ def test_script_bad_input_and_default_out(tmp_path):
     assert p.returncode == 0, p.stderr
     (run,) = os.listdir(tmp_path / "runs")
     assert sorted(os.listdir(tmp_path / "runs" / run)) == sorted(RUN_FILES)
+
+
+def test_remat_option_trains_the_same_run(tmp_path):
+    # --remat recomputes the trunk in the backward pass: the same losses, recorded as used.
+    common = ["--framework", "both", "--depth", "4", "--seed", "5", "--dtype", "float64"]
+    small = [a for a in SMALL if a not in ("--depth", "1")] + common
+    assert main(small + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(small + ["--remat", "--out", str(tmp_path / "remat")]) == 0
+    for fw in ("jax", "torch"):
+        plain = json.loads((tmp_path / "plain" / fw / "metrics.json").read_text())
+        remat = json.loads((tmp_path / "remat" / fw / "metrics.json").read_text())
+        assert remat["config"]["remat"] is True and plain["config"]["remat"] is False
+        np.testing.assert_allclose(remat["loss_history"], plain["loss_history"], rtol=1e-12)
+        assert remat["config"]["host_malloc"]

@@ -63,42 +63,41 @@ def test_cuda_loops_refuse_a_cpu_device(loop, problem):
     assert "CUDA" in msg and loop in msg and "\n" not in msg
 
 
-def _jax_trial(loop, state, x, y, remat=False, unroll=None, epochs=19, chunk=6):
-    _, run = jloops.trial(loop, state, x, y, 0.05, False, epochs, chunk, jax.devices("cpu")[0],
-                          remat, unroll)
-    return run()
-
-
-def test_jax_variants_train_the_same_run(problem):
+def test_jax_variants_train_the_same_run(problem, monkeypatch):
     # scan and step, unrolled and rematerialised: the numpy-free reference is scan itself.
-    state, x, y, _ = problem
-    _, ref, ref_final = _jax_trial("scan", state, x, y)
+    state, x, y, s = problem
+    s = s.replace(framework="jax", device="cpu")
+    ref = jtrain.train(s.replace(loop="scan"), x, y, state)
     eager = ttrain.train(problem[3].replace(loop="eager", device="cpu"), x, y, state)
-    np.testing.assert_allclose(ref, eager.loss_history, rtol=1e-12, atol=1e-13)
-    for loop, remat, unroll in [("step", False, None), ("scan", True, 4)]:
-        _, hist, final = _jax_trial(loop, state, x, y, remat, unroll)
-        np.testing.assert_allclose(hist, ref, rtol=1e-12, atol=1e-13,
+    np.testing.assert_allclose(ref.loss_history, eager.loss_history, rtol=1e-12, atol=1e-13)
+    for loop, remat, unroll in [("step", False, 1), ("scan", True, 4)]:
+        monkeypatch.setattr(jloops, "UNROLL", unroll)
+        r = jtrain.train(s.replace(loop=loop, remat=remat), x, y, state)
+        np.testing.assert_allclose(r.loss_history, ref.loss_history, rtol=1e-12, atol=1e-13,
                                    err_msg=f"{loop} remat={remat} unroll={unroll}")
-        assert final == pytest.approx(ref_final, rel=1e-12)
+        assert r.final_loss == pytest.approx(ref.final_loss, rel=1e-12)
 
 
-def test_trials_repeat_the_same_run(problem):
-    # A benchmark repeat restarts from the initial weights: identical histories.
-    state, x, y, _ = problem
-    _, run = tloops.trial("optim", state, x, y, 0.05, False, 13, 5, torch.device("cpu"))
+@pytest.mark.parametrize("framework,loop", [("torch", "optim"), ("jax", "scan")])
+def test_benchmark_trials_repeat_the_train_commands_run(problem, framework, loop):
+    # A benchmark repeat is the train command's own run, from the initial weights each
+    # time: identical histories, and the same as train() gives.
+    from hetcore.bench import via_train
+
+    state, x, y, s = problem
+    s = s.replace(framework=framework, device="cpu", loop=loop, epochs=13, chunk_epochs=5)
+    _, run = via_train(framework, loop, "cpu")(state, x, y, s.lr, False, 13, 5)
     a, b = run(), run()
     np.testing.assert_array_equal(a[1], b[1])
-    _, run = jloops.trial("scan", state, x, y, 0.05, False, 13, 5, jax.devices("cpu")[0])
-    a, b = run(), run()
-    np.testing.assert_array_equal(a[1], b[1])
+    train = (jtrain if framework == "jax" else ttrain).train
+    np.testing.assert_array_equal(a[1], train(s, x, y, state).loss_history)
+    assert a[0] > 0 and a[2] == b[2]
 
 
 def test_torch_remat_changes_nothing_but_memory(problem, eager_run):
     state, x, y, s = problem
-    _, run = tloops.trial("eager", state, x, y, s.lr, False, s.epochs, s.chunk_epochs,
-                          torch.device("cpu"), remat=True)
-    _, hist, _ = run()
-    np.testing.assert_allclose(hist, eager_run.loss_history, rtol=1e-13, atol=1e-14)
+    r = ttrain.train(s.replace(loop="eager", remat=True), x, y, state)
+    np.testing.assert_allclose(r.loss_history, eager_run.loss_history, rtol=1e-13, atol=1e-14)
 
 
 def test_remat_keeps_fewer_activations(small_state, small_data):
