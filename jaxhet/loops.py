@@ -77,7 +77,12 @@ def epoch(graphdef, full: bool, carry, x, y, lr, active, remat: bool = False):
     params, opt_state, ok = carry
     tx = optax.sgd(lr)
     loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, full, remat)
+    # torch rounds three times: the gradient, `grad * lr`, then `param - that`. The barriers
+    # keep XLA from folding lr into the gradient's matrix product (a GEMM's alpha) or the
+    # product and the difference into one FMA, as a GPU backend may; a CPU does neither.
+    grads = jax.lax.optimization_barrier(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)
+    updates = jax.lax.optimization_barrier(updates)
     new_params = optax.apply_updates(params, updates)
     # A finite loss whose update makes a weight inf or nan is refused too (one reduction,
     # fused with the update); the driver then names the epoch (jaxhet.train).
