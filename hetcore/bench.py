@@ -43,6 +43,7 @@ GIB = 1024 ** 3
 CHECK_ATOL = 1e-4  # float32 loss agreement over the first epochs (rounding there: ~1e-7)
 CHECK_EPOCHS = 100
 F64_RTOL = 1e-6
+DRIFT_WARN = 0.10  # peak before and after the variants further apart: flagged in the table
 SETTLE_S = 0.5  # pause when switching frameworks, so that the other's threads go idle  # float64 final losses (frameworks agree to ~3e-7 over the lecture run)
 
 # Variants per device kind, in report order; the CUDA-only torch loops join on CUDA.
@@ -333,6 +334,17 @@ def references(fws: dict, n: int, width: int, depth: int, size: int, repeats: in
     }
 
 
+def peak_again(fws: dict, before: dict, repeats: int) -> dict:
+    """The best library's peak measured again after the variants: how far the machine's
+    speed drifted while they ran (a shared or throttled machine moves every figure)."""
+    lib = before["best"]["library"]
+    _settle(lib)
+    t = fws[lib].matmul(before["size"], "float32", repeats)
+    gflops = 2 * before["size"] ** 3 / min(t) / 1e9
+    return {"library": lib, "gflops": gflops,
+            "drift": gflops / before["best"]["gflops"] - 1}
+
+
 def matmul_flops(n: int, width: int, depth: int) -> int:
     """FLOPs of one epoch's matrix products (forward, weight and input gradients)."""
     fwd = 2 * n * width + 2 * n * width * width * (depth - 1) + 2 * 2 * n * width
@@ -477,6 +489,7 @@ def table(report: dict) -> str:
         f"f32 matmul peak ({pk['size']}^3): {pk['best']['gflops']:.1f} GFLOP/s "
         f"({pk['best']['library']}; {others}) | matmul floor: {fl['best']['ms']:.3f} ms/epoch "
         f"({fl['best']['library']}; {floors})",
+        *_drift_line(refs.get("peak_after")),
         "",
         f"{'variant':24s} {'compile s':>9s} {'ms/epoch median [min, max]':>28s} {'GFLOP/s':>8s} "
         f"{'% peak':>7s} {'floor/t':>7s} {'peak MiB':>9s} {'act MiB':>8s} {'final loss':>11s} "
@@ -509,6 +522,17 @@ def table(report: dict) -> str:
         lines.append("fastest run, compile included: " + ", ".join(
             f"{k} {v['name']} ({v['run_s']:.2f} s)" for k, v in best.items()))
     return "\n".join(lines)
+
+
+def _drift_line(after: dict | None) -> list[str]:
+    if not after:
+        return []
+    line = (f"peak again after the variants: {after['gflops']:.1f} GFLOP/s "
+            f"({100 * after['drift']:+.0f}%)")
+    if abs(after["drift"]) > DRIFT_WARN:
+        line += (" - the machine's speed moved while the variants ran: read every % of "
+                 f"peak as uncertain by about {100 * abs(after['drift']):.0f}%")
+    return [line]
 
 
 def bench_figure(report: dict):
@@ -882,6 +906,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         f64 = float64_finals(variants, w, x, y, args.lr, False, args.epochs, args.chunk_epochs,
                              log)
     agree = agreement(rows, CHECK_EPOCHS, f64)
+    refs["peak_after"] = peak_again(fws, refs["peak"], max(args.repeats, 5))
     fastest = {}
     for fw in fws:
         ok = [r for r in rows if r["framework"] == fw and "run_s" in r and not r["remat"]]

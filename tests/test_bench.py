@@ -32,6 +32,10 @@ def test_bench_writes_the_documented_report(tmp_path, capsys):
     refs = report["references"]
     assert refs["peak"]["best"]["gflops"] > 0 and refs["floor"]["best"]["ms"] > 0
     assert refs["floor"]["matmul_flops"] == bench.matmul_flops(40, 8, 2)
+    after = refs["peak_after"]
+    assert after["library"] == refs["peak"]["best"]["library"] and after["gflops"] > 0
+    assert after["drift"] == pytest.approx(after["gflops"] / refs["peak"]["best"]["gflops"] - 1)
+    assert report["host_malloc"]
     names = [v["name"] for v in report["variants"]]
     assert names == ["jax:scan", "torch:eager", "torch:optim"]
     for v in report["variants"]:
@@ -129,3 +133,11 @@ def test_largest_points_is_the_line_through_the_peaks():
     assert r["bytes_per_point"] == pytest.approx(10)
     assert r["largest_n_points"] == 100
     assert np.isclose(r["fixed_bytes"], 1000)
+
+
+def test_a_drifting_peak_is_flagged_in_the_table():
+    steady = bench._drift_line({"gflops": 100.0, "drift": 0.05})
+    moved = bench._drift_line({"gflops": 70.0, "drift": -0.3})
+    assert len(steady) == 1 and "uncertain" not in steady[0] and "+5%" in steady[0]
+    assert "-30%" in moved[0] and "uncertain by about 30%" in moved[0]
+    assert bench._drift_line(None) == []
