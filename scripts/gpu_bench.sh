@@ -8,7 +8,7 @@
 # Writes $OUT/gpu-bench.tgz holding env.txt (nvidia-smi, versions), bench/ (bench.json, bench.txt,
 # bench.{png,svg}: every loop on the lecture workload), sweep/ (sweep.json,
 # sweep.{png,svg}), train/ (the train command's own timings at 500 and 1000 epochs, the
-# check the issue describes), and a log of each step. A failing step does not stop the
+# check the issue describes), the GPU parity suite's log, and a log of each step. A failing step does not stop the
 # others; the exit status is the first failure's.
 set -u
 FINAL="${OUT:-runs/gpu-bench}"
@@ -51,6 +51,11 @@ done
 step sweep env XLA_PYTHON_CLIENT_ALLOCATOR=platform "$PY" scripts/bench.py --device gpu --sweep \
   --variants jax:scan,torch:cudagraph --remat --repeats 5 --repeat-seconds 0.1 \
   --points 500,10000,100000,1000000 --widths 64,512,4096 --out "$OUT/sweep"
+
+# 4. The parity suite on the GPU (never run on one yet): bounded, so that a slow compile
+# cannot eat the device's time; its log says what passed.
+step parity-gpu env HET_DEVICE=gpu timeout "${PARITY_TIMEOUT_S:-240}" "$PY" -m pytest -q \
+  -p no:cacheprovider parity_tests
 mkdir -p "$FINAL"
 tar -czf "$FINAL/gpu-bench.tgz" -C "$OUT" .
 cp "$OUT/steps.log" "$FINAL/" 2>/dev/null
