@@ -153,7 +153,7 @@ class _Jax:
         enable_dtype(dtype)
         width, depth = architecture(w)
         graphdef, params = _put(w, width, depth, dtype, self.device)
-        carry = (params, optax.sgd(lr).init(params), self.jax.device_put(jnp.asarray(True), self.device))
+        carry = self.loops.new_carry(params, optax.sgd(lr).init(params), self.device)
         xs, ys = self.jax.device_put(x, self.device), self.jax.device_put(y, self.device)
         lr_ = self.jax.device_put(jnp.asarray(lr, dtype=dtype), self.device)
         return graphdef, params, carry, xs, ys, lr_

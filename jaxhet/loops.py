@@ -4,8 +4,11 @@
   host sync per chunk, weights donated so XLA updates them in place);
 - `step`: one jit-compiled epoch per Python call, for comparison.
 
-Both present the same runner: `runner(carry, n) -> (carry, losses)`, `losses` a device
-array whose first `n` entries are the chunk's losses; nothing is read back to the host.
+Both present the same runner: `runner(carry, n, start) -> (carry, losses)` for the n
+epochs from epoch `start` on, `losses` a device array whose first `n` entries are the
+chunk's losses; nothing is read back to the host. The carry is (params, opt_state, failed),
+`failed` the int32 index of the first epoch whose loss or update was not finite (-1 while
+there is none; `new_carry`).
 
 `remat=True` checkpoints the trunk in about sqrt(depth) segments (`jax.checkpoint`,
 nothing saved inside a segment): the backward pass recomputes a segment's activations
@@ -67,14 +70,21 @@ def loss_fn(params, graphdef, x, y, full: bool, remat: bool = False):
     return gaussian_nll(mu, var, y, full)
 
 
-def epoch(graphdef, full: bool, carry, x, y, lr, active, remat: bool = False):
-    """One SGD epoch; `active` false (masked tail) or a non-finite loss leaves carry as is.
+def new_carry(params, opt_state, device):
+    """The loops' carry at the start of a run: nothing has failed yet."""
+    return (params, opt_state, jax.device_put(jnp.asarray(-1, jnp.int32), device))
 
-    carry = (params, opt_state, ok); `ok` turns false at the first non-finite loss or
-    update, so that the weights stay those of the last finite step and later epochs do
-    nothing.
+
+def epoch(graphdef, full: bool, carry, x, y, lr, active, index, remat: bool = False):
+    """Epoch `index` of SGD; `active` false (masked tail) or an earlier failure leaves the
+    carry as is.
+
+    carry = (params, opt_state, failed): `failed` becomes `index` at the first epoch whose
+    loss or update is not finite; the weights stay those of the last finite step and later
+    epochs do nothing, so the driver reads the failed epoch exactly (jaxhet.train).
     """
-    params, opt_state, ok = carry
+    params, opt_state, failed = carry
+    ok = failed < 0
     tx = optax.sgd(lr)
     loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, full, remat)
     # torch rounds three times: the gradient, `grad * lr`, then `param - that`. The barriers
@@ -85,29 +95,30 @@ def epoch(graphdef, full: bool, carry, x, y, lr, active, remat: bool = False):
     updates = jax.lax.optimization_barrier(updates)
     new_params = optax.apply_updates(params, updates)
     # A finite loss whose update makes a weight inf or nan is refused too (one reduction,
-    # fused with the update); the driver then names the epoch (jaxhet.train).
+    # fused with the update).
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
         [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(new_params)]))
     apply = ok & active & finite
     keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    ok = ok & (finite | ~active)
-    return (params, opt_state, ok), loss
+    failed = jnp.where(ok & active & ~finite, jnp.asarray(index, failed.dtype), failed)
+    return (params, opt_state, failed), loss
 
 
 def _scan_chunk(graphdef, length: int, full: bool, remat: bool, unroll: int, carry, x, y, lr,
-                n_active):
-    """`length` epochs as one lax.scan; epochs from `n_active` on are masked."""
+                n_active, start):
+    """`length` epochs from epoch `start` as one lax.scan; those from `n_active` on are
+    masked."""
 
     def body(carry, i):
-        return epoch(graphdef, full, carry, x, y, lr, i < n_active, remat)
+        return epoch(graphdef, full, carry, x, y, lr, i < n_active, start + i, remat)
 
-    return jax.lax.scan(body, carry, jnp.arange(length), unroll=unroll)
+    return jax.lax.scan(body, carry, jnp.arange(length, dtype=jnp.int32), unroll=unroll)
 
 
-def _step(graphdef, full: bool, remat: bool, carry, x, y, lr, active):
-    return epoch(graphdef, full, carry, x, y, lr, active, remat)
+def _step(graphdef, full: bool, remat: bool, carry, x, y, lr, active, index):
+    return epoch(graphdef, full, carry, x, y, lr, active, index, remat)
 
 
 _scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
@@ -135,23 +146,23 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
     unroll = UNROLL if unroll is None else max(1, min(int(unroll), length))
     sig = signature((carry, x, y, lr))
     t0 = time.perf_counter()
+    i32 = np.int32  # a strongly typed scalar: the compiled programs take int32
     if loop == "scan":
-        n0 = jax.device_put(jnp.asarray(length, jnp.int32), device)
         key = ("scan", graphdef, length, full, remat, unroll, sig, device)
         chunk = compile_once(_scan_jit, key, graphdef, length, full, remat, unroll, carry, x,
-                             y, lr, n0)
+                             y, lr, i32(length), i32(0))
 
-        def runner(carry, n):
-            return chunk(carry, x, y, lr, jnp.asarray(n, jnp.int32))
+        def runner(carry, n, start):
+            return chunk(carry, x, y, lr, i32(n), i32(start))
     else:
         on = jax.device_put(jnp.asarray(True), device)
         key = ("step", graphdef, full, remat, sig, device)
-        step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on)
+        step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on, i32(0))
 
-        def runner(carry, n):
+        def runner(carry, n, start):
             losses = []
-            for _ in range(n):
-                carry, loss = step(carry, x, y, lr, on)
+            for i in range(n):
+                carry, loss = step(carry, x, y, lr, on, i32(start + i))
                 losses.append(loss)
             return carry, jnp.stack(losses)
     return runner, time.perf_counter() - t0
@@ -171,7 +182,7 @@ def epoch_flops(graphdef, full: bool, carry, x, y, lr) -> float:
     counts them (matrix products and element-wise work)."""
     on = jnp.asarray(True)
     compiled = jax.jit(_step, static_argnums=(0, 1, 2)).lower(
-        graphdef, full, False, carry, x, y, lr, on).compile()
+        graphdef, full, False, carry, x, y, lr, on, np.int32(0)).compile()
     return float(_cost(compiled).get("flops", float("nan")))
 
 

@@ -23,7 +23,7 @@ from hetcore.interchange import architecture
 from hetcore.results import RunResult, chunk_length, first_nonfinite
 from hetcore.settings import Settings
 from jaxhet.device import describe, resolve_device
-from jaxhet.loops import compile_once, default_loop, loss_fn, make_runner, signature
+from jaxhet.loops import compile_once, default_loop, loss_fn, make_runner, new_carry, signature
 from jaxhet.model import HeteroscedasticMLP, gaussian_nll
 from jaxhet.weights import from_state_dict, to_state_dict
 
@@ -142,7 +142,7 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
         opt_state = jax.device_put(
             jax.tree.unflatten(opt_tree, [resume.optimizer[str(i)] for i in range(len(opt_leaves))]),
             device)
-    carry = (params, opt_state, jax.device_put(jnp.asarray(True), device))
+    carry = new_carry(params, opt_state, device)
     xs, ys = jax.device_put(x, device), jax.device_put(y, device)
     lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), device)
     length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
@@ -173,28 +173,23 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
 
     weights_diverged = False
 
-    def weights_failed(carry, done: int) -> None:
-        """After a sync: `ok` false with every loss finite means an update was refused for
-        making weights non-finite. From that epoch on the weights no longer change, so the
-        losses repeat bit for bit: the refused epoch starts the final run of equal losses."""
+    def weights_failed(carry) -> None:
+        """After a sync that found every loss finite: a failed epoch in the carry is one
+        whose update was refused for making the weights non-finite."""
         nonlocal diverged, weights_diverged
-        if bool(carry[2]):
-            return
-        h = history[:done]
-        e = done - 1
-        while e > first and h[e - 1] == h[e]:
-            e -= 1
-        diverged, weights_diverged = e, True
+        failed = int(carry[2])
+        if failed >= 0:
+            diverged, weights_diverged = failed, True
 
     for start, n, checkpoint_after in spans(first, settings.epochs, length,
                                             settings.checkpoint_every):
-        carry, losses = run_chunk(carry, n)
+        carry, losses = run_chunk(carry, n, start)
         pending.append((start, n, losses))
         if checkpoint_after and on_checkpoint is not None:
             while pending and diverged is None:
                 consume()
             if diverged is None:
-                weights_failed(carry, start + n)
+                weights_failed(carry)
             if diverged is None:  # a diverged chunk never replaces the last good checkpoint
                 on_checkpoint(start + n, to_state_dict(carry[0]),
                               {str(i): np.asarray(a) for i, a in
@@ -210,7 +205,7 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t0
     if diverged is None:
-        weights_failed(carry, settings.epochs)
+        weights_failed(carry)
     if diverged is not None:
         raise TrainingDiverged(FRAMEWORK, diverged, float(history[diverged]),
                                weights=weights_diverged)

@@ -148,7 +148,7 @@ def test_xla_counts_the_lecture_epoch_flops():
 
     graphdef, params = jtrain._put(interchange.lecture_weights(), 512, 2, "float32",
                                    jax.devices("cpu")[0])
-    carry = (params, optax.sgd(1e-3).init(params), jax.numpy.asarray(True))
+    carry = jloops.new_carry(params, optax.sgd(1e-3).init(params), jax.devices("cpu")[0])
     flops = jloops.epoch_flops(graphdef, False, carry, x, y, np.float32(1e-3))
     assert matmul_flops(500, 512, 2) == 790_528_000
     assert 790.5e6 <= flops <= 1.02 * 790.5e6

@@ -231,6 +231,40 @@ def test_jax_names_the_update_that_made_weights_nonfinite(small_state, small_dat
     assert np.all(np.isfinite(clean.loss_history))
 
 
+@pytest.mark.parametrize("loop", ["scan", "step"])
+def test_jax_names_a_refused_update_among_equal_losses(small_state, small_data, monkeypatch,
+                                                       loop):
+    # An lr far below the weights' ulp leaves them unchanged: every loss is the same bit
+    # for bit, before the failure and after it. The epoch is read from the compiled carry,
+    # not guessed from where the losses start repeating (which would say epoch 0 here).
+    import jax.numpy as jnp
+
+    import jaxhet.loops
+
+    state = small_state(width=8, depth=1)
+    x, y = small_data(n=20)
+    s = Settings(device="cpu", preset="none", epochs=12, lr=1e-30, width=8, depth=1,
+                 chunk_epochs=5, loop=loop)
+    real = jaxhet.loops.epoch
+
+    def broken(graphdef, full, carry, x, y, lr, active, index, remat=False):
+        lr = jnp.where(index == 7, jnp.asarray(jnp.inf, lr.dtype), lr)  # epoch 7's update
+        return real(graphdef, full, carry, x, y, lr, active, index, remat)
+
+    monkeypatch.setattr(jaxhet.loops, "epoch", broken)
+    monkeypatch.setattr(jaxhet.loops, "_compiled", {})
+    jax.clear_caches()
+    try:
+        with pytest.raises(TrainingDiverged) as info:
+            jtrain.train(s, x, y, state)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert info.value.epoch == 7 and "update of epoch 7" in str(info.value), info.value
+    clean = jtrain.train(s, x, y, state)
+    assert len(set(clean.loss_history.tolist())) == 1  # the losses really are all equal
+
+
 @pytest.mark.parametrize("fw", FRAMEWORKS, ids=["jax", "torch"])
 def test_both_frameworks_name_the_same_epoch_for_a_weight_blowup(fw, small_state, small_data):
     # lr 3.4e38 with targets far off (gradients well above 1) sends a weight to inf in the
