@@ -79,13 +79,14 @@ def _setting(module, name: str, value):
 
 
 def via_train(framework: str, loop: str, device: str, remat: bool = False,
-              knob: tuple | None = None) -> Callable:
+              around: Callable | None = None) -> Callable:
     """A variant's trial that runs the train command's own driver (jaxhet.train.train or
     torchhet.train.train: chunks, host syncs, divergence checks, all of it) on the same
     data and initial weights every time. trial(...) compiles or warms up and trains once
-    (discarded), then returns (compile or warm-up seconds, run); run() trains the whole run
-    again from the initial weights and returns (its training seconds, loss history, loss
-    of the final weights). `knob` = (module, name, value) is set around every call."""
+    (not timed as a repeat, but kept as `run.first`), then returns (compile or warm-up
+    seconds, run); run() trains the whole run again from the initial weights and returns
+    (its training seconds, loss history, loss of the final weights). `around()`, a context
+    manager, wraps every call (a variant's own knob, e.g. JAX's unroll or torch's TF32)."""
     import importlib
 
     from hetcore.interchange import architecture
@@ -100,7 +101,7 @@ def via_train(framework: str, loop: str, device: str, remat: bool = False,
                             remat=remat)
 
         def once():
-            with _setting(*knob) if knob else contextlib.nullcontext():
+            with around() if around else contextlib.nullcontext():
                 return train(settings, x, y, w)
 
         first = once()
@@ -109,6 +110,7 @@ def via_train(framework: str, loop: str, device: str, remat: bool = False,
             r = once()
             return r.train_s, r.loss_history, r.final_loss
 
+        run.first = (first.train_s, first.loss_history, first.final_loss)  # the warm-up run
         return first.compile_s, run
 
     return trial
@@ -133,8 +135,8 @@ class _Jax:
         return self.jax.__version__
 
     def variant(self, loop: str, remat: bool = False, unroll: int | None = None) -> Variant:
-        knob = None if unroll is None else (self.loops, "UNROLL", unroll)
-        trial = via_train("jax", loop, self.device_arg, remat, knob)
+        around = None if unroll is None else (lambda: _setting(self.loops, "UNROLL", unroll))
+        trial = via_train("jax", loop, self.device_arg, remat, around)
 
         def memory(w, x, y, lr, full, chunk, epochs):
             return self._memory(loop, w, x, y, lr, full, chunk, epochs, remat)
@@ -202,13 +204,23 @@ class _Torch:
     def version(self) -> str:
         return self.torch.__version__
 
-    def _knob(self) -> tuple | None:
-        """The labelled TF32 option: torchhet.train's matmul precision, for these runs."""
+    def _knob(self) -> Callable | None:
+        """The labelled TF32 option: torchhet.train's matmul precision for these runs only;
+        torch's own global setting is put back after each (the peaks stay float32)."""
         if not self.tf32:
             return None
         import torchhet.train
 
-        return (torchhet.train, "MATMUL_PRECISION", "high")
+        @contextlib.contextmanager
+        def tf32():
+            before = self.torch.get_float32_matmul_precision()
+            try:
+                with _setting(torchhet.train, "MATMUL_PRECISION", "high"):
+                    yield
+            finally:
+                self.torch.set_float32_matmul_precision(before)
+
+        return tf32
 
     def variant(self, loop: str, remat: bool = False) -> Variant:
         trial = via_train("torch", loop, self.device_arg, remat, self._knob())
@@ -450,7 +462,7 @@ def float64_finals(variants, w, x, y, lr, full, epochs, chunk, log) -> dict:
     for v in variants:
         try:
             _, run = v.trial(w64, x64, y64, lr, full, epochs, chunk)
-            out[v.name] = run()[2]
+            out[v.name] = (run.first if hasattr(run, "first") else run())[2]
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             log(f"  {v.name}: float64 check failed to run: {_short(e)}")
     return out

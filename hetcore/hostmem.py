@@ -25,7 +25,9 @@ import sys
 ENV = "HET_HOST_MALLOC"
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap and are reused
+# Blocks below the mmap threshold come from the heap and are reused. glibc before 2.35
+# refuses more than 32 MiB (HEAP_MAX_SIZE / 2); the lecture's blocks are 1 MiB.
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 TRIM_THRESHOLD = (1 << 31) - 1  # keep up to ~2 GiB of freed heap before returning it
 
 _state: list[str] = []
@@ -51,7 +53,10 @@ def _apply() -> str:
     except (OSError, AttributeError):
         return "system malloc (no glibc mallopt)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD,
-                                                                   TRIM_THRESHOLD)):
-        return "system malloc (mallopt refused)"
-    return "glibc, freed blocks kept (mmap threshold 1 GiB, trim threshold 2 GiB)"
+    mmap = next((t for t in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, t)), None)
+    trim = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if mmap is None or not trim:
+        return (f"system malloc (mallopt refused the {'mmap' if mmap is None else 'trim'} "
+                "threshold)")
+    return (f"glibc, freed blocks kept (mmap threshold {mmap >> 20} MiB, trim threshold "
+            "2 GiB)")

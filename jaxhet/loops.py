@@ -4,11 +4,12 @@
   host sync per chunk, weights donated so XLA updates them in place);
 - `step`: one jit-compiled epoch per Python call, for comparison.
 
-Both present the same runner: `runner(carry, n, start) -> (carry, losses)` for the n
-epochs from epoch `start` on, `losses` a device array whose first `n` entries are the
-chunk's losses; nothing is read back to the host. The carry is (params, opt_state, failed),
-`failed` the int32 index of the first epoch whose loss or update was not finite (-1 while
-there is none; `new_carry`).
+Both present the same runner: `runner(carry, n, start) -> (carry, losses, failed)` for
+the n epochs from epoch `start` on; `losses` and `failed` are device arrays whose first `n`
+entries are the chunk's losses and, after each epoch, the carry's `failed`; nothing is read
+back to the host. The carry is (params, opt_state, failed), `failed` the int32 index of the
+first epoch whose loss or update was not finite (-1 while there is none; `new_carry`); the
+copies in the output survive the carry's donation to the next chunk.
 
 `remat=True` checkpoints the trunk in about sqrt(depth) segments (`jax.checkpoint`,
 nothing saved inside a segment): the backward pass recomputes a segment's activations
@@ -103,7 +104,7 @@ def epoch(graphdef, full: bool, carry, x, y, lr, active, index, remat: bool = Fa
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     failed = jnp.where(ok & active & ~finite, jnp.asarray(index, failed.dtype), failed)
-    return (params, opt_state, failed), loss
+    return (params, opt_state, failed), (loss, failed)
 
 
 def _scan_chunk(graphdef, length: int, full: bool, remat: bool, unroll: int, carry, x, y, lr,
@@ -143,7 +144,7 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
     """(runner, compile seconds) for `loop`; see the module docstring."""
     if loop not in LOOPS:
         raise ValueError(f"jax loop must be one of {LOOPS}, got {loop!r}")
-    unroll = UNROLL if unroll is None else max(1, min(int(unroll), length))
+    unroll = max(1, min(int(UNROLL if unroll is None else unroll), length))
     sig = signature((carry, x, y, lr))
     t0 = time.perf_counter()
     i32 = np.int32  # a strongly typed scalar: the compiled programs take int32
@@ -153,18 +154,20 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
                              y, lr, i32(length), i32(0))
 
         def runner(carry, n, start):
-            return chunk(carry, x, y, lr, i32(n), i32(start))
+            carry, (losses, failed) = chunk(carry, x, y, lr, i32(n), i32(start))
+            return carry, losses, failed
     else:
         on = jax.device_put(jnp.asarray(True), device)
         key = ("step", graphdef, full, remat, sig, device)
         step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on, i32(0))
 
         def runner(carry, n, start):
-            losses = []
+            out = []
             for i in range(n):
-                carry, loss = step(carry, x, y, lr, on, i32(start + i))
-                losses.append(loss)
-            return carry, jnp.stack(losses)
+                carry, loss_failed = step(carry, x, y, lr, on, i32(start + i))
+                out.append(loss_failed)
+            losses, failed = (jnp.stack(v) for v in zip(*out))
+            return carry, losses, failed
     return runner, time.perf_counter() - t0
 
 

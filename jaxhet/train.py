@@ -160,36 +160,32 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     diverged = None
     t0 = time.perf_counter()
 
+    weights_diverged = False
+
     def consume():
-        nonlocal diverged
-        start, n, losses = pending.pop(0)
-        part = np.asarray(losses)[:n]  # the only host sync: once per chunk
+        """Read a chunk's losses and failure index (the only host sync: once per chunk). A
+        failed epoch whose loss is finite had its update refused for making the weights
+        non-finite; the weights stayed finite, so no later loss is non-finite."""
+        nonlocal diverged, weights_diverged
+        start, n, losses, failed = pending.pop(0)
+        part = np.asarray(losses)[:n]
         history[start:start + n] = part
         bad = first_nonfinite(part)
+        last_failed = int(np.asarray(failed)[n - 1])
         if bad is not None:
             diverged = start + bad
+        elif last_failed >= 0:
+            diverged, weights_diverged = last_failed, True
         elif progress is not None:
             progress(start + n, float(part[-1]))
 
-    weights_diverged = False
-
-    def weights_failed(carry) -> None:
-        """After a sync that found every loss finite: a failed epoch in the carry is one
-        whose update was refused for making the weights non-finite."""
-        nonlocal diverged, weights_diverged
-        failed = int(carry[2])
-        if failed >= 0:
-            diverged, weights_diverged = failed, True
-
     for start, n, checkpoint_after in spans(first, settings.epochs, length,
                                             settings.checkpoint_every):
-        carry, losses = run_chunk(carry, n, start)
-        pending.append((start, n, losses))
+        carry, losses, failed = run_chunk(carry, n, start)
+        pending.append((start, n, losses, failed))
         if checkpoint_after and on_checkpoint is not None:
             while pending and diverged is None:
                 consume()
-            if diverged is None:
-                weights_failed(carry)
             if diverged is None:  # a diverged chunk never replaces the last good checkpoint
                 on_checkpoint(start + n, to_state_dict(carry[0]),
                               {str(i): np.asarray(a) for i, a in
@@ -204,8 +200,6 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     params = carry[0]
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t0
-    if diverged is None:
-        weights_failed(carry)
     if diverged is not None:
         raise TrainingDiverged(FRAMEWORK, diverged, float(history[diverged]),
                                weights=weights_diverged)

@@ -194,4 +194,5 @@ def test_remat_option_trains_the_same_run(tmp_path):
         remat = json.loads((tmp_path / "remat" / fw / "metrics.json").read_text())
         assert remat["config"]["remat"] is True and plain["config"]["remat"] is False
         np.testing.assert_allclose(remat["loss_history"], plain["loss_history"], rtol=1e-12)
-        assert remat["config"]["host_malloc"]
+        if sys.platform.startswith("linux"):
+            assert remat["config"]["host_malloc"].startswith("glibc, freed blocks kept")

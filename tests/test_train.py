@@ -246,6 +246,12 @@ def test_jax_names_a_refused_update_among_equal_losses(small_state, small_data, 
     s = Settings(device="cpu", preset="none", epochs=12, lr=1e-30, width=8, depth=1,
                  chunk_epochs=5, loop=loop)
     real = jaxhet.loops.epoch
+    real_runner, chunks = jtrain.make_runner, []
+
+    def counting(*args, **kwargs):  # how many chunks run before the failure is named
+        runner, compile_s = real_runner(*args, **kwargs)
+        return (lambda carry, n, start: (chunks.append(start), runner(carry, n, start))[1],
+                compile_s)
 
     def broken(graphdef, full, carry, x, y, lr, active, index, remat=False):
         lr = jnp.where(index == 7, jnp.asarray(jnp.inf, lr.dtype), lr)  # epoch 7's update
@@ -253,14 +259,17 @@ def test_jax_names_a_refused_update_among_equal_losses(small_state, small_data, 
 
     monkeypatch.setattr(jaxhet.loops, "epoch", broken)
     monkeypatch.setattr(jaxhet.loops, "_compiled", {})
+    monkeypatch.setattr(jtrain, "make_runner", counting)
     jax.clear_caches()
     try:
         with pytest.raises(TrainingDiverged) as info:
-            jtrain.train(s, x, y, state)
+            jtrain.train(s.replace(epochs=1000), x, y, state)
     finally:
         monkeypatch.undo()
         jax.clear_caches()
     assert info.value.epoch == 7 and "update of epoch 7" in str(info.value), info.value
+    # Named when its chunk (epochs 5-9) is read, while the next one runs: not at the end.
+    assert chunks == [0, 5, 10], chunks
     clean = jtrain.train(s, x, y, state)
     assert len(set(clean.loss_history.tolist())) == 1  # the losses really are all equal
 
