@@ -36,12 +36,12 @@ WARMUP_STEPS = 3  # CUDA graph capture wants a few steps on a side stream first
 
 # Chosen from scripts/bench.py's figures (README, Performance). CPU: the lecture's run is
 # over in a few seconds in `eager`, while Inductor needs ~5 s (warm cache) to ~20 s (cold)
-# before its first epoch and then saves ~0.1-0.6 ms an epoch: `compile` finishes first only
+# before its first epoch and then saves ~0.1-1 ms an epoch: `compile` finishes first only
 # from about COMPILE_PAYS_BACK epochs on. `optim` pays ~1.5 s on its first use (torch.optim
 # imports torch._dynamo) for no per-epoch gain at 8 parameters. CUDA (chosen by reasoning,
 # not measured here): an epoch is a few dozen tiny kernels, so launch overhead dominates,
 # and one graph replay per epoch, captured in milliseconds, finishes first.
-COMPILE_PAYS_BACK = 50_000  # ~5-20 s of compiling against 0.1-0.6 ms saved per epoch
+COMPILE_PAYS_BACK = 50_000  # ~5-20 s of compiling against 0.1-1 ms saved per epoch
 
 
 def default_loop(device_type: str, epochs: int | None = None) -> str:
