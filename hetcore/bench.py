@@ -42,9 +42,9 @@ from hetcore.errors import UsageError
 GIB = 1024 ** 3
 CHECK_ATOL = 1e-4  # float32 loss agreement over the first epochs (rounding there: ~1e-7)
 CHECK_EPOCHS = 100
-F64_RTOL = 1e-6
+F64_RTOL = 1e-6  # float64 final losses (frameworks agree to ~3e-7 over the lecture run)
 DRIFT_WARN = 0.10  # peak before and after the variants further apart: flagged in the table
-SETTLE_S = 0.5  # pause when switching frameworks, so that the other's threads go idle  # float64 final losses (frameworks agree to ~3e-7 over the lecture run)
+SETTLE_S = 0.5  # pause when switching frameworks, so that the other's threads go idle
 
 # Variants per device kind, in report order; the CUDA-only torch loops join on CUDA.
 CPU_VARIANTS = ("jax:scan", "jax:step", "torch:eager", "torch:optim", "torch:compile")
@@ -962,8 +962,8 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     return 0
 
 
-ENV_KEYS = ("HET_HOST_MALLOC", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "XLA_FLAGS",
-            "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
+ENV_KEYS = ("HET_HOST_MALLOC", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+            "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 
 def _load() -> float | None:

@@ -177,7 +177,8 @@ def summary(result: RunResult, metrics: dict) -> str:
 
 # Options that shape a run; with --resume they come from the checkpoint.
 _RUN_OPTIONS = ("framework", "preset", "epochs", "lr", "seed", "n_points", "width", "depth",
-                "dtype", "full", "data", "init_from", "chunk_epochs", "loop", "checkpoint_every", "remat")
+                "dtype", "full", "data", "init_from", "chunk_epochs", "loop", "checkpoint_every",
+                "remat")
 
 
 def resume_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -246,7 +247,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weights, weights_source = initial_weights(settings, modules[names[0]])
     config = {**settings.to_dict(), "data_source": dataset.source, "data_sha256": digest,
               "init_source": weights_source, "n_points_used": int(x.shape[0]),
-              "host_malloc": host_malloc, "out": os.path.abspath(out), "resumed_from_epoch": {fw: c.epoch for fw, c in ckpts.items()}}
+              "host_malloc": host_malloc, "out": os.path.abspath(out),
+              "resumed_from_epoch": {fw: c.epoch for fw, c in ckpts.items()}}
 
     def saver(fw: str):
         if not settings.checkpoint_every:

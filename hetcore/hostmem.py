@@ -2,8 +2,8 @@
 
 An eager PyTorch epoch on a CPU allocates every activation, gradient and update as a new
 tensor (about a dozen 1 MiB blocks for the lecture's model) and frees it a moment later.
-glibc serves blocks that large with mmap and returns them with munmap, so each one is
-zero-filled page by page on first touch, every epoch: on this project's 2-core VM that
+glibc hands blocks that large back to the kernel on free (munmap, or trimming the top of
+the heap), so each one is zero-filled page by page on first touch again, every epoch: on this project's 2-core VM that
 cost ~40% of torch's `eager` epoch (about 7.4-8.9 ms against 4.6-5.2 ms with the freed
 blocks kept; README, Performance). Raising glibc's mmap and trim thresholds keeps freed
 memory in the heap, where the next epoch finds it already mapped: what jemalloc or
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -30,19 +31,10 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 TRIM_THRESHOLD = (1 << 31) - 1  # keep up to ~2 GiB of freed heap before returning it
 
-_state: list[str] = []
-
-
+@functools.cache
 def keep_freed_memory() -> str:
     """Raise glibc's mmap and trim thresholds once; returns what the process uses, for
     the run's records."""
-    if _state:
-        return _state[0]
-    _state.append(_apply())
-    return _state[0]
-
-
-def _apply() -> str:
     if os.environ.get(ENV, "keep") == "system":
         return f"system malloc ({ENV}=system)"
     if not sys.platform.startswith("linux"):

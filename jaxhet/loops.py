@@ -140,11 +140,12 @@ def compile_once(fn, key, *args):
 
 
 def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device,
-                remat: bool = False, unroll: int | None = None):
-    """(runner, compile seconds) for `loop`; see the module docstring."""
+                remat: bool = False):
+    """(runner, compile seconds) for `loop`; see the module docstring. `runner.compiled` is
+    the compiled program (for its buffer plan)."""
     if loop not in LOOPS:
         raise ValueError(f"jax loop must be one of {LOOPS}, got {loop!r}")
-    unroll = max(1, min(int(UNROLL if unroll is None else unroll), length))
+    unroll = max(1, min(int(UNROLL), length))
     sig = signature((carry, x, y, lr))
     t0 = time.perf_counter()
     i32 = np.int32  # a strongly typed scalar: the compiled programs take int32
@@ -168,6 +169,7 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
                 out.append(loss_failed)
             losses, failed = (jnp.stack(v) for v in zip(*out))
             return carry, losses, failed
+    runner.compiled = chunk if loop == "scan" else step
     return runner, time.perf_counter() - t0
 
 
@@ -193,13 +195,8 @@ def memory_plan(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
                 remat: bool = False) -> dict:
     """XLA's buffer plan of the loop's compiled program, in bytes (`peak` = arguments +
     outputs + temporaries - donated aliases: what the program holds at most)."""
-    make_runner(loop, graphdef, full, length, carry, x, y, lr, device, remat)
-    sig = signature((carry, x, y, lr))
-    if loop == "scan":
-        key = ("scan", graphdef, length, full, remat, UNROLL, sig, device)
-    else:
-        key = ("step", graphdef, full, remat, sig, device)
-    m = _compiled[key].memory_analysis()
+    runner, _ = make_runner(loop, graphdef, full, length, carry, x, y, lr, device, remat)
+    m = runner.compiled.memory_analysis()
     if m is None:
         return {}
     plan = {k: int(getattr(m, f"{k}_size_in_bytes", 0))

@@ -125,12 +125,14 @@ def data_files(tmp):
     return cases
 
 
-def test_every_broken_data_file_is_refused(capsys, existing_run, tmp_path):
+@pytest.mark.parametrize("option", ["--data", "--init-from"])
+def test_every_broken_input_file_is_refused(capsys, existing_run, tmp_path, option):
+    # Each message names the problem and the file.
     files = tmp_path / "files"
     files.mkdir()
-    for path, needle in data_files(files):
-        assert_refused(capsys, BASE + ["--data", str(path)], existing_run, needle)
-        assert_refused(capsys, BASE + ["--data", str(path)], existing_run, str(path))
+    for path, needle in (data_files if option == "--data" else weight_files)(files):
+        assert_refused(capsys, BASE + [option, str(path)], existing_run, needle)
+        assert_refused(capsys, BASE + [option, str(path)], existing_run, str(path))
 
 
 def weight_files(tmp):
@@ -172,12 +174,6 @@ def weight_files(tmp):
     cases.append((pickled, "pickle"))
     return cases
 
-
-def test_every_broken_weights_file_is_refused(capsys, existing_run, tmp_path):
-    files = tmp_path / "files"
-    files.mkdir()
-    for path, needle in weight_files(files):
-        assert_refused(capsys, BASE + ["--init-from", str(path)], existing_run, needle)
 
 
 def test_every_broken_resume_directory_is_refused(capsys, tmp_path):
