@@ -579,23 +579,31 @@ def bench_figure(report: dict):
 
 def sweep(fws: dict, variants: list[Variant], points: list[int], widths: list[int], depth: int,
           repeats: int, peak_gflops: float, max_epoch_s: float, memory_limit: float,
-          budget_bytes: float, log, repeat_s: float = 0.2) -> dict:
+          budget_bytes: float, log, repeat_s: float = 0.2, on_row=None) -> dict:
     """Time per epoch and memory at every (points, width); skipped where the estimated time
-    per epoch exceeds `max_epoch_s` or the estimated memory `memory_limit` bytes."""
+    per epoch exceeds `max_epoch_s` or the estimated memory `memory_limit` bytes.
+    `on_row(rows)`, if given, is called after every row (the command saves the rows so far:
+    a run cut short keeps what it measured)."""
     rows = []
+
+    def add(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+
     for width in widths:
         for n in points:
             flops = matmul_flops(n, width, depth)
             est_s = flops / (0.3 * peak_gflops * 1e9)
             est_mem = 4 * (8 * n * width + 3 * (depth * width * (width + 1) + 2 * width))
             if est_s > max_epoch_s:
-                rows.append({"n_points": n, "width": width, "skipped":
-                             f"estimated {est_s:.1f} s per epoch > --max-epoch-s {max_epoch_s:g}"})
+                add({"n_points": n, "width": width, "skipped":
+                     f"estimated {est_s:.1f} s per epoch > --max-epoch-s {max_epoch_s:g}"})
                 continue
             if est_mem > memory_limit:
-                rows.append({"n_points": n, "width": width, "skipped":
-                             f"estimated {est_mem / GIB:.1f} GiB > the device's "
-                             f"{memory_limit / GIB:.1f} GiB"})
+                add({"n_points": n, "width": width, "skipped":
+                     f"estimated {est_mem / GIB:.1f} GiB > the device's "
+                     f"{memory_limit / GIB:.1f} GiB"})
                 continue
             # Enough epochs per repeat to time (~repeat_s), at least 2, at most 200.
             epochs = int(min(200, max(2, repeat_s / max(est_s, 1e-9))))
@@ -619,7 +627,7 @@ def sweep(fws: dict, variants: list[Variant], points: list[int], widths: list[in
                 except Exception as e:  # noqa: BLE001 - out of memory and the like
                     row["error"] = _short(e)
                 _release(fws)
-                rows.append(row)
+                add(row)
                 log(f"  {v.name}: " + (row.get("error") or
                     f"{row['ms_per_epoch']['median']:.3f} ms/epoch, "
                     f"{100 * row['fraction_of_peak']:.1f}% of peak, "
@@ -880,15 +888,20 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     if args.sweep:
         max_s = args.max_epoch_s or (10.0 if kind == "gpu" else 1.0)
         limit = _memory_limit(fws, kind)
+        head = {"device": device, "threads": threads, "precision": precision,
+                "host_malloc": host_malloc, "references": refs, "versions": versions,
+                "environment": {k: os.environ[k] for k in ENV_KEYS if k in os.environ}}
+        path = os.path.join(out, "sweep.json")
+
+        def save_partial(rows):  # a sweep cut short (a time limit) keeps its points
+            _write_json(path, {**head, "complete": False, "rows": rows})
+
         result = sweep(fws, variants, _ints(args.points, "--points"),
                        _ints(args.widths, "--widths"), args.depth, args.repeats, peak, max_s,
-                       limit, args.memory_gib * GIB, log, args.repeat_seconds)
-        report = {"device": device, "threads": threads, "precision": precision,
-                  "host_malloc": host_malloc, "references": refs, "versions": versions,
-                  "machine_load": {"start": load_start, "end": _load()},
-                  "environment": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
-                  **result}
-        _write_json(os.path.join(out, "sweep.json"), report)
+                       limit, args.memory_gib * GIB, log, args.repeat_seconds, save_partial)
+        report = {**head, "complete": True,
+                  "machine_load": {"start": load_start, "end": _load()}, **result}
+        _write_json(path, report)
         from hetcore.figures import save
 
         save(sweep_figure(result, peak, device["name"]), os.path.join(out, "sweep"))

@@ -100,10 +100,13 @@ def staged(out: str):
 
 
 def write_json(path: str, obj) -> None:
-    """JSON with floats written exactly (repr) and NaN refused."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-        f.write("\n")
+    """JSON with floats written exactly (repr) and NaN refused; the file is replaced whole
+    (written beside it, then renamed), so a reader or a kill never sees half of one."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    part = f"{path}.part"
+    with open(part, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(part, path)
 
 
 def write_predictions(path: str, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> None:

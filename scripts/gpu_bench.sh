@@ -1,64 +1,125 @@
 #!/usr/bin/env bash
-# The benchmark and the scaling sweep on a GPU (an H100 or H200), in one call of a few
-# minutes, from a working tree with no network and nothing installed by us:
+# The benchmark, the train command's own timings, the scaling sweep and the parity suite on
+# a GPU (an H100 or H200), from a working tree with no network and nothing installed by us:
 #
 #   OUT=/some/dir bash scripts/gpu_bench.sh        # default OUT: runs/gpu-bench
 #
 # Needs python with jax (CUDA), flax, optax, torch (CUDA), numpy, safetensors, matplotlib.
-# Writes $OUT/gpu-bench.tgz holding env.txt (nvidia-smi, versions), bench/ (bench.json, bench.txt,
-# bench.{png,svg}: every loop on the lecture workload), sweep/ (sweep.json,
-# sweep.{png,svg}), train/ (the train command's own timings at 500 and 1000 epochs, the
-# check the issue describes), the GPU parity suite's log, and a log of each step. A failing step does not stop the
-# others; the exit status is the first failure's.
+# Writes $OUT/gpu-bench.tgz holding env.txt (nvidia-smi, versions), bench/ (bench.json,
+# bench.txt, bench.{png,svg}: every loop on the lecture workload), train/ (the train
+# command at 500 and 1000 epochs: the check the issue describes), sweep/ (sweep.json,
+# sweep.{png,svg}), the GPU parity suite's log, and a log of each step; beside it steps.log
+# and bench.txt. A failing step does not stop the others; the exit status is the first
+# failure's (124: a step ran out of time or was skipped for lack of it).
+#
+# A lent machine gives a call 10 minutes and a session 15, start-up included, so:
+# - the archive is rewritten after every step: a call cut short still returns what the
+#   finished steps measured (and the sweep saves sweep.json after every point);
+# - BUDGET_S (default 540) bounds the whole script; each step also has its own cap
+#   (BENCH_S, TRAIN_S each run, SWEEP_S, PARITY_S) and gets at most what the budget has
+#   left; a step with under MIN_STEP_S left is skipped and logged as such;
+# - STEPS picks the steps, in order (default "bench train sweep parity"); two calls on a
+#   warm machine can split them, e.g. STEPS="bench train" then STEPS="sweep parity".
+#
+# Rehearsal on a machine without a GPU (the test suite runs this): GPU_BENCH_DEVICE=cpu
+# runs the same steps on the CPU; GPU_BENCH_QUICK=1 shrinks every step to seconds.
 set -u
 FINAL="${OUT:-runs/gpu-bench}"
+DEVICE="${GPU_BENCH_DEVICE:-gpu}"
+QUICK="${GPU_BENCH_QUICK:-0}"
+STEPS="${STEPS:-bench train sweep parity}"
+BUDGET_S="${BUDGET_S:-540}"
+MIN_STEP_S="${MIN_STEP_S:-20}"
 # The device tool brings back at most 8 files from $OUT: work in a scratch directory and
 # leave in $OUT one archive of everything plus the step log and the benchmark table.
-OUT="$(mktemp -d /tmp/gpu-bench.XXXXXX)"
+WORK="$(mktemp -d /tmp/gpu-bench.XXXXXX)"
 PY="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # torch shares the GPU with JAX
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor-gpu-bench}"
-mkdir -p "$OUT"
-status=0
-step() {  # step NAME COMMAND...: run, log, remember the first failure
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$OUT/steps.log"
-  local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "   exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/steps.log"
-  tail -n 25 "$OUT/$name.log"
-  if [ $rc -ne 0 ] && [ $status -eq 0 ]; then status=$rc; fi
-}
-{ nvidia-smi; "$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
-
-# 1. Every loop on the lecture workload (true float32), float64 agreement check included.
-step bench "$PY" scripts/bench.py --device gpu --out "$OUT/bench"
-
-# 2. The train command as the issue's check times it: two epoch counts, default loops.
-for fw in jax torch; do
-  for e in 500 1000; do
-    step "train-$fw-$e" "$PY" scripts/train.py --framework "$fw" --device gpu --epochs "$e" \
-      --no-progress --overwrite --out "$OUT/train/$fw-$e"
-  done
-done
-
-# 3. The sweep: each framework's fastest loop, with and without rematerialisation. The
-# platform allocator hands JAX's memory back after each program, so that torch's points
-# are not starved by JAX's pool (and the other way round).
-step sweep env XLA_PYTHON_CLIENT_ALLOCATOR=platform "$PY" scripts/bench.py --device gpu --sweep \
-  --variants jax:scan,torch:cudagraph --remat --repeats 5 --repeat-seconds 0.1 \
-  --points 500,10000,100000,1000000 --widths 64,512,4096 --out "$OUT/sweep"
-
-# 4. The parity suite on the GPU (never run on one yet): bounded, so that a slow compile
-# cannot eat the device's time; its log says what passed.
-step parity-gpu env HET_DEVICE=gpu timeout "${PARITY_TIMEOUT_S:-240}" "$PY" -m pytest -q \
-  -p no:cacheprovider parity_tests
 mkdir -p "$FINAL"
-tar -czf "$FINAL/gpu-bench.tgz" -C "$OUT" .
-cp "$OUT/steps.log" "$FINAL/" 2>/dev/null
-cp "$OUT/bench/bench.txt" "$FINAL/" 2>/dev/null
-echo "wrote $FINAL/gpu-bench.tgz"
+case "$FINAL" in /*) ;; *) FINAL="$(pwd)/$FINAL" ;; esac
+
+if [ "$QUICK" = 1 ]; then
+  BENCH_ARGS=(--variants jax:scan,torch:eager --epochs 20 --chunk-epochs 10 --check float32
+              --peak-size 256)
+  EPOCHS=(20 40)
+  SWEEP_ARGS=(--variants jax:scan,torch:eager --points 64,128 --widths 16 --repeat-seconds 0.01
+              --peak-size 256)
+  PARITY_TARGET=parity_tests/test_criterion.py
+else
+  BENCH_ARGS=()
+  EPOCHS=(500 1000)
+  # Each framework's fastest loop, with and without rematerialisation.
+  if [ "$DEVICE" = gpu ]; then SWEEP_VARIANTS=jax:scan,torch:cudagraph
+  else SWEEP_VARIANTS=jax:scan,torch:eager; fi
+  SWEEP_ARGS=(--variants "$SWEEP_VARIANTS" --remat --repeat-seconds 0.1
+              --points 500,10000,100000,1000000 --widths 64,512,4096)
+  PARITY_TARGET=parity_tests
+fi
+
+status=0
+fail() { if [ "$status" -eq 0 ]; then status=$1; fi; }
+
+archive() {  # the whole scratch directory as one archive, replaced whole
+  tar -czf "$FINAL/gpu-bench.tgz.part" -C "$WORK" . && mv -f "$FINAL/gpu-bench.tgz.part" \
+    "$FINAL/gpu-bench.tgz"
+  cp "$WORK/steps.log" "$FINAL/" 2>/dev/null
+  cp "$WORK/bench/bench.txt" "$FINAL/" 2>/dev/null
+  return 0
+}
+
+step() {  # step NAME CAP_S COMMAND...: run within the budget, log, remember the first failure
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET_S - SECONDS))
+  if [ "$left" -lt "$MIN_STEP_S" ]; then
+    echo "== $name: skipped, ${left} s of BUDGET_S=${BUDGET_S} left" | tee -a "$WORK/steps.log"
+    fail 124
+    return
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "== $name (at most ${cap} s): $*" | tee -a "$WORK/steps.log"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$cap" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  local why=""
+  [ $rc -eq 124 ] && why=" (out of time)"
+  echo "   exit $rc after $((SECONDS - t0)) s$why" | tee -a "$WORK/steps.log"
+  tail -n 25 "$WORK/$name.log"
+  [ $rc -ne 0 ] && fail $rc
+  archive
+}
+
+{ nvidia-smi; "$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; } > "$WORK/env.txt" 2>&1
+echo "device $DEVICE, quick $QUICK, steps: $STEPS, budget ${BUDGET_S} s" > "$WORK/steps.log"
+archive
+
+for s in $STEPS; do
+  case $s in
+    bench)  # every loop on the lecture workload (true float32), float64 agreement included
+      step bench "${BENCH_S:-240}" "$PY" scripts/bench.py --device "$DEVICE" \
+        ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --out "$WORK/bench" ;;
+    train)  # the train command as the issue's check times it: two epoch counts, default loops
+      for fw in jax torch; do
+        for e in "${EPOCHS[@]}"; do
+          step "train-$fw-$e" "${TRAIN_S:-60}" "$PY" scripts/train.py --framework "$fw" \
+            --device "$DEVICE" --epochs "$e" --no-progress --overwrite --out "$WORK/train/$fw-$e"
+        done
+      done ;;
+    sweep)  # the platform allocator hands JAX's memory back after each program, so that
+            # torch's points are not starved by JAX's pool (and the other way round)
+      step sweep "${SWEEP_S:-200}" env XLA_PYTHON_CLIENT_ALLOCATOR=platform "$PY" \
+        scripts/bench.py --device "$DEVICE" --sweep --repeats 5 "${SWEEP_ARGS[@]}" \
+        --out "$WORK/sweep" ;;
+    parity)  # the parity suite on the device; its log says what passed
+      step parity "${PARITY_S:-180}" env HET_DEVICE="$DEVICE" "$PY" -m pytest -q \
+        -p no:cacheprovider "$PARITY_TARGET" ;;
+    *) echo "== $s: unknown step (bench, train, sweep, parity)" | tee -a "$WORK/steps.log"
+       fail 2 ;;
+  esac
+done
+archive
+echo "wrote $FINAL/gpu-bench.tgz (exit $status)"
 exit $status

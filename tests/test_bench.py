@@ -110,6 +110,7 @@ def test_sweep_on_a_tiny_grid(tmp_path, capsys):
                        "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "sweep.json").read_text())
+    assert report["complete"] is True
     rows = report["rows"]
     timed = [r for r in rows if "ms_per_epoch" in r]
     assert {(r["n_points"], r["width"]) for r in timed} == {(30, 4), (60, 4)}
@@ -125,6 +126,31 @@ def test_sweep_on_a_tiny_grid(tmp_path, capsys):
         assert r["bytes_per_point"] > 0
         assert r["largest_n_points"] * r["bytes_per_point"] + r["fixed_bytes"] <= 24 * 2**30
     assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_a_sweep_cut_short_keeps_its_points(tmp_path, monkeypatch, capsys):
+    # The second timed point fails hard (as a kill by a time limit would end the run):
+    # sweep.json on disk still holds the first point, marked incomplete.
+    real = bench._time_variants
+    calls = []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_time_variants", dies_on_second)
+    out = tmp_path / "sweep"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--sweep", "--points", "30,60", "--widths", "4", "--repeats", "2",
+                    "--variants", "jax:scan", "--peak-size", "64", "--repeat-seconds", "0.01",
+                    "--out", str(out)])
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["complete"] is False
+    assert [(r["n_points"], r["name"]) for r in report["rows"]] == [(30, "jax:scan")]
+    assert "ms_per_epoch" in report["rows"][0] and "references" in report
+    assert not list(out.glob("*.part"))
 
 
 def test_largest_points_is_the_line_through_the_peaks():
