@@ -990,6 +990,10 @@ def _memory_limit(fws: dict, kind: str) -> float:
     if kind == "gpu" and "torch" in fws:
         free, total = fws["torch"].torch.cuda.mem_get_info(fws["torch"].device)
         return 0.9 * total
+    if kind != "cpu" and "jax" in fws:  # JAX alone on an accelerator: its allocator's limit
+        stats = fws["jax"].device.memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return 0.9 * stats["bytes_limit"]
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -10,9 +10,13 @@ jaxhet/torchhet, so that no test ever compares a TF32 or bf16 product (SPEC sect
 
 import os
 
-import jax
-import pytest
-import torch
+# torch and the command-line tests' child processes share a GPU with this process's JAX,
+# which would otherwise take 75% of the GPU's memory at its first use.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 - after the allocator setting above
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fails loudly

@@ -33,7 +33,7 @@ MIN_STEP_S="${MIN_STEP_S:-20}"
 # The device tool brings back at most 8 files from $OUT: work in a scratch directory and
 # leave in $OUT one archive of everything plus the step log and the benchmark table.
 WORK="$(mktemp -d /tmp/gpu-bench.XXXXXX)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"  # the lent machines' python3 is the one holding torch
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -82,7 +82,8 @@ step() {  # step NAME CAP_S COMMAND...: run within the budget, log, remember the
   [ "$cap" -gt "$left" ] && cap=$left
   echo "== $name (at most ${cap} s): $*" | tee -a "$WORK/steps.log"
   local t0=$SECONDS
-  timeout --kill-after=10 "$cap" "$@" > "$WORK/$name.log" 2>&1
+  # SIGINT first: pytest then prints its summary so far, Python its traceback.
+  timeout --signal=INT --kill-after=15 "$cap" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   local why=""
   [ $rc -eq 124 ] && why=" (out of time)"
@@ -92,7 +93,13 @@ step() {  # step NAME CAP_S COMMAND...: run within the budget, log, remember the
   archive
 }
 
-{ nvidia-smi; "$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; } > "$WORK/env.txt" 2>&1
+{ nvidia-smi; "$PY" -c "
+import flax, jax, numpy, optax, torch
+print('jax', jax.__version__, jax.devices())
+print('torch', torch.__version__, torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')
+print('flax', flax.__version__, 'optax', optax.__version__, 'numpy', numpy.__version__)"
+} > "$WORK/env.txt" 2>&1
 echo "device $DEVICE, quick $QUICK, steps: $STEPS, budget ${BUDGET_S} s" > "$WORK/steps.log"
 archive
 
@@ -114,8 +121,8 @@ for s in $STEPS; do
         scripts/bench.py --device "$DEVICE" --sweep --repeats 5 "${SWEEP_ARGS[@]}" \
         --out "$WORK/sweep" ;;
     parity)  # the parity suite on the device; its log says what passed
-      step parity "${PARITY_S:-180}" env HET_DEVICE="$DEVICE" "$PY" -m pytest -q \
-        -p no:cacheprovider "$PARITY_TARGET" ;;
+      step parity "${PARITY_S:-180}" env HET_DEVICE="$DEVICE" "$PY" -m pytest -v -rfE \
+        -p no:cacheprovider --junitxml="$WORK/parity.xml" "$PARITY_TARGET" ;;
     *) echo "== $s: unknown step (bench, train, sweep, parity)" | tee -a "$WORK/steps.log"
        fail 2 ;;
   esac

@@ -2,9 +2,12 @@
 
 import os
 
-import jax
-import numpy as np
-import pytest
+# Both frameworks share a GPU where there is one: JAX must not take 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 - after the allocator setting above
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # As Equinox's suite does: silent rank broadcasting fails loudly.
 jax.config.update("jax_numpy_rank_promotion", "raise")

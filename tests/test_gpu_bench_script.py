@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -21,7 +22,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_bench.sh")
 
 def _run(out, **env):
     full = {**os.environ, "OUT": str(out), "GPU_BENCH_DEVICE": "cpu", "GPU_BENCH_QUICK": "1",
-            **env}
+            "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", SCRIPT], env=full, capture_output=True, text=True,
                           timeout=600)
 
@@ -47,7 +48,8 @@ def test_every_step_lands_in_the_archive(tmp_path):
         assert name in names, name
     assert json.loads(_read(out, "sweep/sweep.json"))["complete"] is True
     assert json.loads(_read(out, "bench/bench.json"))["agreement"]["ok"]
-    assert " passed" in _read(out, "parity.log")
+    parity = _read(out, "parity.log")
+    assert " passed" in parity and "PASSED" in parity and "parity.xml" in parity
     steps = (out / "steps.log").read_text()
     for step in ("bench", "train-jax-20", "train-jax-40", "train-torch-20", "train-torch-40",
                  "sweep", "parity"):

@@ -193,6 +193,38 @@ def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_d
     assert "update of epoch 3" in str(info.value)
 
 
+def test_torch_blowup_that_the_replay_does_not_repeat(small_state, small_data, monkeypatch):
+    # A device whose replay of the chunk stays finite (nondeterminism): the run still stops
+    # with the divergence error, at the chunk's last epoch, not with a TypeError.
+    import torch
+
+    import torchhet.loops
+
+    state = small_state(width=8, depth=1)
+    x, y = small_data(n=20)
+    s = Settings(framework="torch", device="cpu", preset="none", epochs=12, lr=0.01, width=8,
+                 depth=1, chunk_epochs=5, loop="eager")
+    calls = []
+
+    def make_runner(loop, model, *args, **kwargs):
+        inner, warm = torchhet.loops.make_runner(loop, model, *args, **kwargs)
+
+        def runner(n, losses):
+            inner(n, losses)
+            calls.append(n)
+            if len(calls) == 1:  # only the first pass over the first chunk goes bad
+                with torch.no_grad():
+                    model.var_head.weight[0, 0] = float("inf")
+
+        return runner, warm
+
+    monkeypatch.setattr(ttrain, "make_runner", make_runner)
+    with pytest.raises(TrainingDiverged) as info:
+        ttrain.train(s, x, y, state)
+    assert info.value.epoch == 3 and "update of epoch 3" in str(info.value)
+    assert calls == [4, 1, 1, 1, 1]  # the chunk, then its four epochs replayed one by one
+
+
 def test_jax_names_the_update_that_made_weights_nonfinite(small_state, small_data, monkeypatch):
     # Mirror of the torch test: an update that leaves the loss finite but a weight infinite.
     # The compiled epoch refuses it, the weights stop there, and the run names that epoch.

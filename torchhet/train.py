@@ -166,6 +166,9 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
                     break
                 if not _finite(params):
                     raise TrainingDiverged(FRAMEWORK, start + i, float(part[i]), weights=True)
+            if bad is None:  # the replay stayed finite (a nondeterministic device): the
+                # weights were non-finite by the chunk's end, which is all that is known
+                raise TrainingDiverged(FRAMEWORK, start + n - 1, float(part[-1]), weights=True)
             raise TrainingDiverged(FRAMEWORK, start + bad, float(part[bad]))
         if progress is not None:
             progress(start + n, float(part[-1]))
