@@ -159,11 +159,10 @@ def test_every_loop_trains_the_same_run(fw, loops, small_state, small_data):
             np.testing.assert_allclose(r.weights[n], runs[0].weights[n], rtol=1e-12, atol=1e-14)
 
 
-def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_data,
-                                                            monkeypatch):
-    # An update that leaves the loss finite but a weight infinite (here injected after the
-    # last epoch of a chunk, which no later loss of the chunk can reveal): the chunk is
-    # replayed from its start, epoch by epoch, and the run stops naming that epoch.
+def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison):
+    """A small torch run (12 epochs in chunks of 4) whose runner calls `poison(n, losses)`
+    after each of its calls; `poison` returns True to make a weight infinite there (an
+    update that leaves the loss finite). Returns (run, the clean run's losses)."""
     import torch
 
     import torchhet.loops
@@ -178,17 +177,28 @@ def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_d
         inner, warm = torchhet.loops.make_runner(loop, model, *args, **kwargs)
 
         def runner(n, losses):
-            for i in range(n):
-                inner(1, losses[i:i + 1])
-                if losses[i].item() == clean[3]:  # the same epoch on replay, by its loss
-                    with torch.no_grad():
-                        model.var_head.weight[0, 0] = float("inf")
+            inner(n, losses)
+            if poison(n, losses, clean):
+                with torch.no_grad():
+                    model.var_head.weight[0, 0] = float("inf")
 
         return runner, warm
 
     monkeypatch.setattr(ttrain, "make_runner", make_runner)
+    return lambda: ttrain.train(s, x, y, state)
+
+
+def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_data,
+                                                            monkeypatch):
+    # An update that leaves the loss finite but a weight infinite (here injected after the
+    # last epoch of a chunk, which no later loss of the chunk can reveal): the chunk is
+    # replayed from its start, epoch by epoch, and the run stops naming that epoch.
+    def at_epoch_3(n, losses, clean):  # the same epoch on replay, by its loss
+        return losses[n - 1].item() == clean[3]
+
+    run = _torch_run_that_blows_up(small_state, small_data, monkeypatch, at_epoch_3)
     with pytest.raises(TrainingDiverged) as info:
-        ttrain.train(s, x, y, state)
+        run()
     assert info.value.epoch == 3  # chunks of 4 epochs: 12 = 3 x 4; epoch 3 ends the first
     assert "update of epoch 3" in str(info.value)
 
@@ -196,31 +206,15 @@ def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_d
 def test_torch_blowup_that_the_replay_does_not_repeat(small_state, small_data, monkeypatch):
     # A device whose replay of the chunk stays finite (nondeterminism): the run still stops
     # with the divergence error, at the chunk's last epoch, not with a TypeError.
-    import torch
-
-    import torchhet.loops
-
-    state = small_state(width=8, depth=1)
-    x, y = small_data(n=20)
-    s = Settings(framework="torch", device="cpu", preset="none", epochs=12, lr=0.01, width=8,
-                 depth=1, chunk_epochs=5, loop="eager")
     calls = []
 
-    def make_runner(loop, model, *args, **kwargs):
-        inner, warm = torchhet.loops.make_runner(loop, model, *args, **kwargs)
+    def first_call_only(n, losses, clean):
+        calls.append(n)
+        return len(calls) == 1
 
-        def runner(n, losses):
-            inner(n, losses)
-            calls.append(n)
-            if len(calls) == 1:  # only the first pass over the first chunk goes bad
-                with torch.no_grad():
-                    model.var_head.weight[0, 0] = float("inf")
-
-        return runner, warm
-
-    monkeypatch.setattr(ttrain, "make_runner", make_runner)
+    run = _torch_run_that_blows_up(small_state, small_data, monkeypatch, first_call_only)
     with pytest.raises(TrainingDiverged) as info:
-        ttrain.train(s, x, y, state)
+        run()
     assert info.value.epoch == 3 and "update of epoch 3" in str(info.value)
     assert calls == [4, 1, 1, 1, 1]  # the chunk, then its four epochs replayed one by one
 
