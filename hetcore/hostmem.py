@@ -13,6 +13,10 @@ The setting is process-wide, so only commands that own their process (the train 
 and the benchmark) call `keep_freed_memory()`, before any framework starts; library users
 can call it themselves. `HET_HOST_MALLOC=system` leaves the C library as it is (to
 measure the difference). Outside glibc (macOS, Windows, musl) it does nothing.
+
+`ResidentPeak` measures what a block of code adds to the process's resident memory at
+its peak (Linux): the benchmark's CPU peak memory for torch, which keeps no statistics of
+its CPU allocations.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 TRIM_THRESHOLD = (1 << 31) - 1  # keep up to ~2 GiB of freed heap before returning it
 
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 @functools.cache
 def keep_freed_memory() -> str:
     """Raise glibc's mmap and trim thresholds once; returns what the process uses, for
@@ -39,10 +51,8 @@ def keep_freed_memory() -> str:
         return f"system malloc ({ENV}=system)"
     if not sys.platform.startswith("linux"):
         return f"system malloc ({sys.platform})"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return "system malloc (no glibc mallopt)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mmap = next((t for t in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, t)), None)
@@ -52,3 +62,50 @@ def keep_freed_memory() -> str:
                 "threshold)")
     return (f"glibc, freed blocks kept (mmap threshold {mmap >> 20} MiB, trim threshold "
             "2 GiB)")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class ResidentPeak:
+    """`with ResidentPeak() as m: ...`, then `m.bytes`: the peak of the process's resident
+    memory during the block above what it was at the start, or None where the kernel does
+    not offer it (not Linux, or Linux < 4.0).
+
+    Freed memory that glibc keeps (see above) is handed back first (malloc_trim), so that
+    the block starts from what is live; the kernel's high-water mark (VmHWM) is then reset
+    (`5` into /proc/self/clear_refs) and read at the end. It counts every page the block
+    touched: allocator overhead and fragmentation included, the same as a user's process
+    pays, not only tensor bytes. Other threads of the process count too."""
+
+    def __init__(self):
+        self.bytes: int | None = None
+        self._start: int | None = None
+
+    def __enter__(self):
+        trim = getattr(_libc(), "malloc_trim", None)
+        if trim is not None:
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            trim(0)
+        try:
+            start = _status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            if _status_kib("VmHWM") <= start + 1024:  # the reset took (1 MiB of slack)
+                self._start = start
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is not None and exc[0] is None:
+            try:
+                self.bytes = max(0, _status_kib("VmHWM") - self._start) * 1024
+            except OSError:
+                self.bytes = None
+        return False

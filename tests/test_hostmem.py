@@ -56,3 +56,28 @@ def test_second_call_changes_nothing():
     from hetcore import hostmem
 
     assert hostmem.keep_freed_memory() == hostmem.keep_freed_memory()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_resident_peak_sees_what_a_block_touched_and_freed():
+    # Run in a child so that this test process's own heap does not blur the numbers.
+    code = """
+import numpy as np
+from hetcore import hostmem
+hostmem.keep_freed_memory()
+with hostmem.ResidentPeak() as idle:
+    pass
+with hostmem.ResidentPeak() as m:
+    for _ in range(3):  # 64 MiB touched and freed three times: the peak is one of them
+        a = np.ones(16 << 20, np.float32)
+        del a
+print(idle.bytes, m.bytes)
+"""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out[0] == "None":
+        pytest.skip("this kernel offers no resettable high-water mark")
+    idle, peak = int(out[0]), int(out[1])
+    assert idle < 4 << 20
+    assert 60 << 20 <= peak <= 80 << 20, peak
