@@ -119,7 +119,10 @@ def _scan_chunk(graphdef, length: int, full: bool, remat: bool, unroll: int, car
 
 
 def _step(graphdef, full: bool, remat: bool, carry, x, y, lr, active, index):
-    return epoch(graphdef, full, carry, x, y, lr, active, index, remat)
+    """One epoch; also returns the next epoch's index, so that the driver feeds the device
+    its own counter back instead of sending a host scalar every epoch."""
+    carry, out = epoch(graphdef, full, carry, x, y, lr, active, index, remat)
+    return carry, out, index + 1
 
 
 _scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
@@ -160,12 +163,14 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
     else:
         on = jax.device_put(jnp.asarray(True), device)
         key = ("step", graphdef, full, remat, sig, device)
-        step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on, i32(0))
+        first = jax.device_put(i32(0), device)
+        step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on, first)
 
         def runner(carry, n, start):
             out = []
-            for i in range(n):
-                carry, loss_failed = step(carry, x, y, lr, on, i32(start + i))
+            index = jax.device_put(i32(start), device)  # one transfer per chunk
+            for _ in range(n):
+                carry, loss_failed, index = step(carry, x, y, lr, on, index)
                 out.append(loss_failed)
             losses, failed = (jnp.stack(v) for v in zip(*out))
             return carry, losses, failed
