@@ -3,16 +3,29 @@
 An eager PyTorch epoch on a CPU allocates every activation, gradient and update as a new
 tensor (about a dozen 1 MiB blocks for the lecture's model) and frees it a moment later.
 glibc hands blocks that large back to the kernel on free (munmap, or trimming the top of
-the heap), so each one is zero-filled page by page on first touch again, every epoch: on this project's 2-core VM that
-cost ~40% of torch's `eager` epoch (about 7.4-8.9 ms against 4.6-5.2 ms with the freed
-blocks kept; README, Performance). Raising glibc's mmap and trim thresholds keeps freed
-memory in the heap, where the next epoch finds it already mapped: what jemalloc or
-tcmalloc do when preloaded (PyTorch's CPU performance guide), without a preload.
+the heap), so each one is zero-filled page by page on first touch again, every epoch: on
+this project's 2-core VM that cost ~40% of torch's `eager` epoch (README, Performance).
+Raising glibc's mmap and trim thresholds keeps freed memory in the heap, where the next
+epoch finds it already mapped: what jemalloc or tcmalloc do when preloaded (PyTorch's CPU
+performance guide), without a preload.
+
+How far to raise them is a trade of memory for speed, so `HET_HOST_MALLOC` chooses:
+- `keep` (default): blocks under 32 MiB come from the heap, and up to 64 MiB of freed heap
+  is kept (glibc's own ceilings for its adaptive thresholds). The lecture's blocks are
+  reused; a block of 32 MiB or more is mapped and handed back as glibc does by default, so
+  no run holds more memory than under glibc's defaults beyond those 64 MiB. Such blocks
+  are faulted in 2 MiB pages rather than 4 KiB ones: torch's THP_MEM_ALLOC_ENABLE (unless
+  set already), where the kernel offers transparent huge pages; 15x fewer page faults and
+  epochs 25-35% faster at N = 200,000 x 512 or 4,000,000 x 64 on this machine.
+- `large`: blocks under 1 GiB from the heap, up to 2 GiB of freed heap kept. Epochs with
+  blocks of 32 MiB-1 GiB run 20-35% faster (N = 50,000-200,000 at width 512), but the
+  process holds up to twice the memory, more with rematerialisation (heap fragmentation:
+  README, Performance).
+- `system`: glibc as it is (to measure the difference).
 
 The setting is process-wide, so only commands that own their process (the train command
 and the benchmark) call `keep_freed_memory()`, before any framework starts; library users
-can call it themselves. `HET_HOST_MALLOC=system` leaves the C library as it is (to
-measure the difference). Outside glibc (macOS, Windows, musl) it does nothing.
+can call it themselves. Outside glibc (macOS, Windows, musl) it does nothing.
 
 `ResidentPeak` measures what a block of code adds to the process's resident memory at
 its peak (Linux): the benchmark's CPU peak memory for torch, which keeps no statistics of
@@ -27,13 +40,20 @@ import functools
 import os
 import sys
 
+from hetcore.errors import UsageError
+
 ENV = "HET_HOST_MALLOC"
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
-# Blocks below the mmap threshold come from the heap and are reused. glibc before 2.35
-# refuses more than 32 MiB (HEAP_MAX_SIZE / 2); the lecture's blocks are 1 MiB.
-MMAP_THRESHOLDS = (1 << 30, 32 << 20)
-TRIM_THRESHOLD = (1 << 31) - 1  # keep up to ~2 GiB of freed heap before returning it
+# (mmap thresholds to try, first accepted wins; trim threshold) per mode. glibc before
+# 2.35 refuses an mmap threshold over 32 MiB (HEAP_MAX_SIZE / 2).
+MODES = {
+    "keep": ((32 << 20,), 64 << 20),
+    "large": ((1 << 30, 32 << 20), (1 << 31) - 1),
+}
+LEAN_THRESHOLD = 128 << 10  # glibc's initial mmap and trim thresholds
+
+_applied: tuple[int, int] | None = None  # (mmap, trim) thresholds keep_freed_memory set
 
 
 def _libc():
@@ -43,11 +63,18 @@ def _libc():
         return None
 
 
+def _mib(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
 @functools.cache
 def keep_freed_memory() -> str:
-    """Raise glibc's mmap and trim thresholds once; returns what the process uses, for
-    the run's records."""
-    if os.environ.get(ENV, "keep") == "system":
+    """Set glibc's mmap and trim thresholds once, as HET_HOST_MALLOC says; returns what
+    the process uses, for the run's records."""
+    mode = os.environ.get(ENV, "keep")
+    if mode not in (*MODES, "system"):
+        raise UsageError(f"{ENV}={mode}: use keep (the default), large or system")
+    if mode == "system":
         return f"system malloc ({ENV}=system)"
     if not sys.platform.startswith("linux"):
         return f"system malloc ({sys.platform})"
@@ -55,13 +82,38 @@ def keep_freed_memory() -> str:
     if mallopt is None:
         return "system malloc (no glibc mallopt)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mmap = next((t for t in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, t)), None)
-    trim = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmaps, trim_to = MODES[mode]
+    mmap = next((t for t in mmaps if mallopt(M_MMAP_THRESHOLD, t)), None)
+    trim = bool(mallopt(M_TRIM_THRESHOLD, trim_to))
     if mmap is None or not trim:
         return (f"system malloc (mallopt refused the {'mmap' if mmap is None else 'trim'} "
                 "threshold)")
-    return (f"glibc, freed blocks kept (mmap threshold {mmap >> 20} MiB, trim threshold "
-            "2 GiB)")
+    global _applied
+    _applied = (mmap, trim_to)
+    huge = ""
+    if mode == "keep" and _huge_pages() and os.environ.setdefault(THP_ENV, "1") == "1":
+        huge = ", torch's large blocks on huge pages"
+    return (f"glibc, freed blocks kept ({ENV}={mode}: mmap threshold {_mib(mmap)}, trim "
+            f"threshold {_mib(trim_to + 1 if trim_to & 1 else trim_to)}{huge})")
+
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # torch (c10): blocks >= 2 MiB 2 MiB-aligned, MADV_HUGEPAGE
+
+
+def _huge_pages() -> bool:
+    """Whether the kernel gives transparent huge pages to memory that asks (madvise)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def _set_thresholds(mmap: int, trim: int) -> None:
+    mallopt = _libc().mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(M_MMAP_THRESHOLD, mmap)
+    mallopt(M_TRIM_THRESHOLD, trim)
 
 
 def _status_kib(field: str) -> int:
@@ -77,17 +129,26 @@ class ResidentPeak:
     memory during the block above what it was at the start, or None where the kernel does
     not offer it (not Linux, or Linux < 4.0).
 
-    Freed memory that glibc keeps (see above) is handed back first (malloc_trim), so that
-    the block starts from what is live; the kernel's high-water mark (VmHWM) is then reset
-    (`5` into /proc/self/clear_refs) and read at the end. It counts every page the block
-    touched: allocator overhead and fragmentation included, the same as a user's process
-    pays, not only tensor bytes. Other threads of the process count too."""
+    Freed memory that glibc keeps is handed back first (malloc_trim), so that the block
+    starts from what is live; the kernel's high-water mark (VmHWM) is then reset (`5` into
+    /proc/self/clear_refs) and read at the end. It counts pages, not tensors: whatever
+    the block touched, other threads of the process included.
+
+    While keep_freed_memory's thresholds are in force, the block runs with glibc's initial
+    ones instead (blocks of 128 KiB and more mapped and handed back on free), and they are
+    put back after it: the peak is then what the block held live, not freed heap kept for
+    reuse (up to 2 GiB with HET_HOST_MALLOC=large), which would blur a line through the
+    peaks of several sizes."""
 
     def __init__(self):
         self.bytes: int | None = None
         self._start: int | None = None
+        self._restore: tuple[int, int] | None = None
 
     def __enter__(self):
+        if _applied is not None:
+            _set_thresholds(LEAN_THRESHOLD, LEAN_THRESHOLD)
+            self._restore = _applied
         trim = getattr(_libc(), "malloc_trim", None)
         if trim is not None:
             trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -108,4 +169,6 @@ class ResidentPeak:
                 self.bytes = max(0, _status_kib("VmHWM") - self._start) * 1024
             except OSError:
                 self.bytes = None
+        if self._restore is not None:
+            _set_thresholds(*self._restore)
         return False

@@ -122,8 +122,13 @@ def test_sweep_on_a_tiny_grid(tmp_path, capsys):
     for r in timed:
         assert r["peak_bytes"] > 0 and r["activation_bytes"] >= 0 and r["fraction_of_peak"] > 0
     largest = {(r["name"], r["width"]): r for r in report["largest"]}
-    assert set(largest) == {(n, w) for n in ("jax:scan", "jax:scan+remat", "torch:eager",
-                                             "torch:eager+remat") for w in (4,)}
+    # XLA's plan grows with N; torch's CPU peak is measured in pages, which at 30 and 60
+    # points need not grow (then there is no line to follow, and no entry).
+    for name in ("jax:scan", "jax:scan+remat", "torch:eager", "torch:eager+remat"):
+        peaks = [r["peak_bytes"] for r in sorted(timed, key=lambda r: r["n_points"])
+                 if r["name"] == name]
+        assert ((name, 4) in largest) == (peaks[1] > peaks[0]), (name, peaks)
+    assert ("jax:scan", 4) in largest
     for r in largest.values():
         assert r["bytes_per_point"] > 0
         assert r["largest_n_points"] * r["bytes_per_point"] + r["fixed_bytes"] <= 24 * 2**30

@@ -52,6 +52,25 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert kept < system / 20, f"kept {kept} faults against {system}"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_mode_says_so_and_reuses_too():
+    faults, state = _faults("large")
+    if "no glibc" in state:
+        pytest.skip(state)
+    assert "HET_HOST_MALLOC=large" in state and faults < 5_000, (faults, state)
+
+
+def test_an_unknown_mode_is_one_clear_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, HET_HOST_MALLOC="jemalloc")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+                           "--epochs", "2", "--out", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines == [
+        "error: HET_HOST_MALLOC=jemalloc: use keep (the default), large or system"], lines
+    assert not (tmp_path / "run").exists()
+
+
 def test_second_call_changes_nothing():
     from hetcore import hostmem
 
