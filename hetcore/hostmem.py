@@ -56,6 +56,7 @@ LEAN_THRESHOLD = 128 << 10  # glibc's initial mmap and trim thresholds
 _applied: tuple[int, int] | None = None  # (mmap, trim) thresholds keep_freed_memory set
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -91,13 +92,15 @@ def keep_freed_memory() -> str:
     global _applied
     _applied = (mmap, trim_to)
     huge = ""
-    if mode == "keep" and _huge_pages() and os.environ.setdefault(THP_ENV, "1") == "1":
+    # torch reads the variable once, at its first CPU allocation: too late once imported.
+    if (mode == "keep" and _huge_pages() and "torch" not in sys.modules
+            and os.environ.setdefault(THP_ENV, "1") == "1"):
         huge = ", torch's large blocks on huge pages"
     return (f"glibc, freed blocks kept ({ENV}={mode}: mmap threshold {_mib(mmap)}, trim "
             f"threshold {_mib(trim_to + 1 if trim_to & 1 else trim_to)}{huge})")
 
 
-THP_ENV = "THP_MEM_ALLOC_ENABLE"  # torch (c10): blocks >= 2 MiB 2 MiB-aligned, MADV_HUGEPAGE
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # torch (c10): madvise(MADV_HUGEPAGE) on blocks >= 2 MiB
 
 
 def _huge_pages() -> bool:
@@ -132,7 +135,9 @@ class ResidentPeak:
     Freed memory that glibc keeps is handed back first (malloc_trim), so that the block
     starts from what is live; the kernel's high-water mark (VmHWM) is then reset (`5` into
     /proc/self/clear_refs) and read at the end. It counts pages, not tensors: whatever
-    the block touched, other threads of the process included.
+    the block touched, other threads of the process included. The reset also resets the
+    peak that getrusage, wait4 and /usr/bin/time report for the whole process: time a
+    process that uses this with something else.
 
     While keep_freed_memory's thresholds are in force, the block runs with glibc's initial
     ones instead (blocks of 128 KiB and more mapped and handed back on free), and they are

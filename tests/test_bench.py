@@ -39,13 +39,18 @@ def test_bench_writes_the_documented_report(tmp_path, capsys):
         assert report["host_malloc"].startswith("glibc, freed blocks kept")
     names = [v["name"] for v in report["variants"]]
     assert names == ["jax:scan", "torch:eager", "torch:optim"]
+    from hetcore.hostmem import ResidentPeak
+
+    with ResidentPeak() as probe:  # None where the kernel has no resettable high-water mark
+        pass
+    measurable = probe.bytes is not None
     for v in report["variants"]:
         m = v["ms_per_epoch"]
         assert len(m["all"]) == 5 and m["min"] <= m["median"] <= m["max"], v["name"]
         for key in ("compile_s", "gflops", "fraction_of_peak", "floor_over_time", "final_loss",
                     "peak_bytes", "activation_bytes", "run_s", "check"):
             assert key in v, (v["name"], key)
-        if v["framework"] == "torch" and sys.platform.startswith("linux"):
+        if v["framework"] == "torch" and measurable:
             assert v["peak_memory_method"].startswith("measured: the process's resident peak")
         assert v["check"]["float32_max_gap"] <= bench.CHECK_ATOL
         assert "float64_final_loss" in v["check"]

@@ -100,3 +100,34 @@ print(idle.bytes, m.bytes)
     idle, peak = int(out[0]), int(out[1])
     assert idle < 4 << 20
     assert 60 << 20 <= peak <= 80 << 20, peak
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_resident_peak_hands_blocks_back_inside_and_keeps_them_after():
+    # Inside the block the kept thresholds give way to glibc's initial ones (1 MiB blocks
+    # mapped afresh: faults), and after it, an exception included, they are back (none).
+    code = EPOCHS.replace("print(state)", """
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        epoch()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+with hostmem.ResidentPeak():
+    inside = faults()
+after = faults()
+try:
+    with hostmem.ResidentPeak():
+        raise ValueError
+except ValueError:
+    pass
+print(inside, after, faults(), state)""")
+    env = dict(os.environ, PYTHONPATH=ROOT, HET_HOST_MALLOC="keep")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.splitlines()[-1].split()
+    inside, after, after_error = (int(v) for v in out[:3])
+    if "no glibc" in out[3:]:
+        pytest.skip("no glibc")
+    assert inside > 20_000, inside  # 20 x 8 MiB mapped afresh: ~41,000 pages
+    # after: the heap grows back once (one epoch's 8 MiB, 2,048 pages), then is reused
+    assert after < 4_000 and after_error < 4_000, (after, after_error)
