@@ -670,8 +670,6 @@ def sweep(fws: dict, variants: list[Variant], points: list[int], widths: list[in
 
 
 def _release(fws: dict) -> None:
-    import gc
-
     gc.collect()
     if "torch" in fws and fws["torch"].device.type == "cuda":
         fws["torch"].torch.cuda.empty_cache()
