@@ -64,6 +64,14 @@ def _libc():
         return None
 
 
+def _mallopt():
+    """glibc's mallopt(param, value) -> 1 on success, or None outside glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def _mib(n: int) -> str:
     return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
 
@@ -79,10 +87,9 @@ def keep_freed_memory() -> str:
         return f"system malloc ({ENV}=system)"
     if not sys.platform.startswith("linux"):
         return f"system malloc ({sys.platform})"
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = _mallopt()
     if mallopt is None:
         return "system malloc (no glibc mallopt)"
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mmaps, trim_to = MODES[mode]
     mmap = next((t for t in mmaps if mallopt(M_MMAP_THRESHOLD, t)), None)
     trim = bool(mallopt(M_TRIM_THRESHOLD, trim_to))
@@ -113,8 +120,7 @@ def _huge_pages() -> bool:
 
 
 def _set_thresholds(mmap: int, trim: int) -> None:
-    mallopt = _libc().mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt = _mallopt()  # only called once keep_freed_memory has used it
     mallopt(M_MMAP_THRESHOLD, mmap)
     mallopt(M_TRIM_THRESHOLD, trim)
 

@@ -31,10 +31,16 @@ print(state)
 """
 
 
-def _faults(mode: str) -> tuple[int, str]:
+def _child(code: str, mode: str = "keep") -> list[str]:
+    """Run `code` in a fresh interpreter (this process's heap would blur the counts); its
+    output lines."""
     env = dict(os.environ, PYTHONPATH=ROOT, HET_HOST_MALLOC=mode)
-    out = subprocess.run([sys.executable, "-c", EPOCHS], env=env, capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout.splitlines()
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True, cwd=ROOT).stdout.splitlines()
+
+
+def _faults(mode: str) -> tuple[int, str]:
+    out = _child(EPOCHS, mode)
     return int(out[0]), out[1]
 
 
@@ -79,7 +85,6 @@ def test_second_call_changes_nothing():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_resident_peak_sees_what_a_block_touched_and_freed():
-    # Run in a child so that this test process's own heap does not blur the numbers.
     code = """
 import numpy as np
 from hetcore import hostmem
@@ -92,9 +97,7 @@ with hostmem.ResidentPeak() as m:
         del a
 print(idle.bytes, m.bytes)
 """
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = _child(code)[-1].split()
     if out[0] == "None":
         pytest.skip("this kernel offers no resettable high-water mark")
     idle, peak = int(out[0]), int(out[1])
@@ -122,9 +125,7 @@ try:
 except ValueError:
     pass
 print(inside, after, faults(), state)""")
-    env = dict(os.environ, PYTHONPATH=ROOT, HET_HOST_MALLOC="keep")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout.splitlines()[-1].split()
+    out = _child(code)[-1].split()
     inside, after, after_error = (int(v) for v in out[:3])
     if "no glibc" in out[3:]:
         pytest.skip("no glibc")
