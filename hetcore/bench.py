@@ -48,7 +48,8 @@ DRIFT_WARN = 0.10  # peak before and after the variants further apart: flagged i
 SETTLE_S = 0.5  # pause when switching frameworks, so that the other's threads go idle
 
 # Variants per device kind, in report order; the CUDA-only torch loops join on CUDA.
-CPU_VARIANTS = ("jax:scan", "jax:step", "torch:eager", "torch:optim", "torch:compile")
+CPU_VARIANTS = ("jax:scan", "jax:step", "torch:eager", "torch:optim", "torch:compile",
+                "torch:no-autograd")
 CUDA_VARIANTS = CPU_VARIANTS + ("torch:cudagraph", "torch:reduce-overhead")
 
 
@@ -238,7 +239,7 @@ class _Torch:
         torch, dev = self.torch, self.device
         model = _build(w, str(x.dtype), dev)
         xs, ys = _tensor(x, dev), _tensor(y, dev)
-        act = self.loops.activation_bytes(model, xs, ys, full, remat)
+        act = self.loops.activation_bytes(model, xs, ys, full, remat, loop)
         out = {"activation_bytes": act}
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         n, width = x.shape[0], model.layers[0].out_features
@@ -874,7 +875,7 @@ def select_variants(spec: str, fws: dict, remat: bool, unroll: int | None,
             raise UsageError(f"--variants {name}: needs a CUDA device; torch is on {kind}")
         v = fws[fw].variant(loop, False, unroll) if fw == "jax" else fws[fw].variant(loop, False)
         out.append(v)
-        if remat:
+        if remat and loop != "no-autograd":  # it keeps one activation per layer already
             out.append(fws[fw].variant(loop, True))
     for name, trial in (extra or {}).items():
         out.append(Variant(name, "extra", name, trial))

@@ -17,7 +17,8 @@ from hetcore import checkpoint, data, hostmem, interchange, outputs
 from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.metrics import final_metrics
 from hetcore.results import RunResult
-from hetcore.settings import DEVICES, DTYPES, FRAMEWORKS, PRESETS, Settings, check_memory
+from hetcore.settings import (DEVICES, DTYPES, FRAMEWORKS, LOOPS, PRESETS, Settings,
+                              check_memory)
 
 _PACKAGES = {"jax": "jaxhet", "torch": "torchhet"}
 _MODULES = {n: f"{p}.train" for n, p in _PACKAGES.items()}
@@ -62,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-epochs", type=int, default=d.chunk_epochs,
                    help="epochs per compiled chunk (one host sync and progress update each)")
     p.add_argument("--loop", default=d.loop, metavar="NAME",
-                   help="training loop: jax scan|step, torch eager|optim|compile|cudagraph|"
-                   "reduce-overhead; auto (default) takes the device's fastest")
+                   help=f"training loop: jax {'|'.join(LOOPS['jax'])}, torch "
+                   f"{'|'.join(LOOPS['torch'])}; auto (default) takes the device's fastest")
     p.add_argument("--remat", action="store_true",
                    help="rematerialise the trunk in the backward pass (jax.checkpoint, "
                    "torch.utils.checkpoint): less activation memory, one more forward")

@@ -15,7 +15,8 @@ DTYPES = ("float32", "float64")
 # Training loops per framework (jaxhet.loops, torchhet.loops); "auto" picks the device's
 # fastest. Named here so that settings are checked before either framework is imported.
 LOOPS = {"jax": ("scan", "step"),
-         "torch": ("eager", "optim", "compile", "cudagraph", "reduce-overhead")}
+         "torch": ("eager", "optim", "compile", "cudagraph", "reduce-overhead",
+                   "no-autograd")}
 
 # The lecture's run (SPEC section 1).
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")

@@ -18,6 +18,14 @@ TORCH_LOOPS = [pytest.param(loop, marks=pytest.mark.skipif(
     loop in tloops.CUDA_ONLY and not CUDA, reason="needs CUDA")) for loop in LOOPS["torch"]]
 
 
+def assert_same_run(r, ref):
+    """float64 runs that differ in rounding only: losses and final weights to ~1e-12."""
+    np.testing.assert_allclose(r.loss_history, ref.loss_history, rtol=1e-12, atol=1e-13)
+    for n in ref.weights:
+        np.testing.assert_allclose(r.weights[n], ref.weights[n], rtol=1e-11, atol=1e-13,
+                                   err_msg=n)
+
+
 @pytest.fixture(scope="module")
 def problem():
     """A small float64 problem (float64: loops that differ only in rounding agree to ~1e-15,
@@ -47,10 +55,7 @@ def test_every_torch_loop_trains_the_eager_run(loop, problem, eager_run):
     state, x, y, s = problem
     r = ttrain.train(s.replace(loop=loop), x, y, state)
     assert r.loop == loop
-    np.testing.assert_allclose(r.loss_history, eager_run.loss_history, rtol=1e-12, atol=1e-13)
-    for n in state:
-        np.testing.assert_allclose(r.weights[n], eager_run.weights[n], rtol=1e-11, atol=1e-13,
-                                   err_msg=n)
+    assert_same_run(r, eager_run)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
@@ -61,6 +66,47 @@ def test_cuda_loops_refuse_a_cpu_device(loop, problem):
         ttrain.train(s.replace(loop=loop, device="cpu"), x, y, state)
     msg = str(info.value)
     assert "CUDA" in msg and loop in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("depth,full", [(1, True), (3, False)])
+def test_no_autograd_backward_is_autograds(depth, full, small_state, small_data):
+    # The hand-written backward against autograd's, at depths where the loop's first and
+    # inner layers differ from the lecture's two, with and without the loss's constant.
+    state = small_state(width=10, depth=depth, dtype="float64")
+    x, y = small_data(n=30, dtype="float64")
+    s = Settings(framework="torch", device="cpu", preset="none", epochs=9, lr=0.05, width=10,
+                 depth=depth, dtype="float64", chunk_epochs=4, full=full)
+    assert_same_run(ttrain.train(s.replace(loop="no-autograd"), x, y, state),
+                    ttrain.train(s.replace(loop="eager"), x, y, state))
+
+
+def test_no_autograd_diverges_where_eager_does(small_state, small_data):
+    # Too large a step: both loops stop at the same epoch, the chunk replayed by the driver
+    # (the loop must see the weights the driver put back between its calls).
+    from hetcore.errors import TrainingDiverged
+
+    state = small_state(width=8, depth=2)
+    x, y = small_data(n=30)
+    s = Settings(framework="torch", device="cpu", preset="none", epochs=40, lr=1e6, width=8,
+                 chunk_epochs=6)
+    epochs = []
+    for loop in ("eager", "no-autograd"):
+        with pytest.raises(TrainingDiverged) as info:
+            ttrain.train(s.replace(loop=loop), x, y, state)
+        epochs.append(info.value.epoch)
+    assert epochs[0] == epochs[1] and 0 < epochs[0] < 40
+
+
+def test_no_autograd_refuses_remat_and_counts_its_buffers(problem):
+    state, x, y, s = problem
+    with pytest.raises(UsageError) as info:
+        ttrain.train(s.replace(loop="no-autograd", remat=True), x, y, state)
+    assert "--remat" in str(info.value) and "\n" not in str(info.value)
+    model = ttrain._build(state, "float64", torch.device("cpu"))
+    xs, ys = torch.tensor(x), torch.tensor(y)
+    own = tloops.activation_bytes(model, xs, ys, False, loop="no-autograd")
+    assert own == 2 * 40 * 12 * 8  # depth 2, N 40, width 12, float64
+    assert own < tloops.activation_bytes(model, xs, ys, False)  # autograd keeps more
 
 
 def test_jax_variants_train_the_same_run(problem, monkeypatch):
@@ -123,8 +169,9 @@ def test_defaults_are_loops_of_their_framework():
     for device_type in ("cpu", "cuda"):
         assert tloops.default_loop(device_type) in LOOPS["torch"]
     assert tloops.default_loop("cpu") not in tloops.CUDA_ONLY
-    assert tloops.default_loop("cpu", 500) == "eager"  # the lecture's run: no compile wait
-    assert tloops.default_loop("cpu", 10**6) == "compile"  # long enough to pay it back
+    for epochs in (None, 500, 10**6):  # no warm-up and the fastest epoch: at every length
+        assert tloops.default_loop("cpu", epochs) == "no-autograd"
+    assert tloops.default_loop("cpu", remat=True) == "eager"  # no-autograd has no remat
     assert tloops.default_loop("cuda") == "cudagraph"
 
 

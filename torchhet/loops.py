@@ -8,7 +8,9 @@
 - `cudagraph` (CUDA only): forward, backward and update captured once as one CUDA graph,
   replayed once per epoch (no Python, no per-kernel launch);
 - `reduce-overhead` (CUDA only): `torch.compile(mode="reduce-overhead")`, Inductor's
-  kernels replayed as CUDA graphs.
+  kernels replayed as CUDA graphs;
+- `no-autograd`: the backward pass written out as matrix products into buffers allocated
+  once, no autograd (torchhet/handgrad.py); not the lecture's rounding.
 
 Each presents the same runner: `runner(n, losses)` runs n epochs and writes their losses
 into the device tensor `losses[:n]`; nothing is read back to the host. Warm-up (compiling,
@@ -28,29 +30,31 @@ import torch
 
 from hetcore.errors import UsageError
 from hetcore.results import remat_segments
+from torchhet import handgrad
 from torchhet.model import gaussian_nll
 
-LOOPS = ("eager", "optim", "compile", "cudagraph", "reduce-overhead")
+LOOPS = ("eager", "optim", "compile", "cudagraph", "reduce-overhead", "no-autograd")
 CUDA_ONLY = ("cudagraph", "reduce-overhead")
 WARMUP_STEPS = 3  # CUDA graph capture wants a few steps on a side stream first
 
-# Chosen from scripts/bench.py's figures (README, Performance). CPU: the lecture's run is
-# over in a few seconds in `eager`, while Inductor needs ~5 s (warm cache) to ~20 s (cold)
-# before its first epoch and then saves ~0.1-1 ms an epoch: `compile` finishes first only
-# from about COMPILE_PAYS_BACK epochs on. `optim` pays ~1.5 s on its first use (torch.optim
+# Chosen from scripts/bench.py's figures (README, Performance). CPU: `no-autograd` needs no
+# warm-up and runs an epoch 10-15% faster than `eager` (interleaved in one process, so
+# that the machine's drift cancels), as fast as `compile` within this machine's noise,
+# whose Inductor needs ~5 s (warm cache) to ~20 s (cold) before its first epoch: it
+# finishes first at every length. `optim` pays ~1.5 s on its first use (torch.optim
 # imports torch._dynamo) for no per-epoch gain at 8 parameters. CUDA (chosen by reasoning,
 # not measured here): an epoch is a few dozen tiny kernels, so launch overhead dominates,
 # and one graph replay per epoch, captured in milliseconds, finishes first.
-COMPILE_PAYS_BACK = 50_000  # ~5-20 s of compiling against 0.1-1 ms saved per epoch
 
 
-def default_loop(device_type: str, epochs: int | None = None) -> str:
+def default_loop(device_type: str, epochs: int | None = None, remat: bool = False) -> str:
     """The loop that finishes a run of `epochs` soonest, warm-up included, on this device
-    type (`epochs` unknown: the lecture's 500)."""
+    type (the same at every length on the devices measured; `epochs` mirrors jaxhet);
+    with `remat`, the soonest of those that rematerialise."""
     if device_type == "cuda":
         return "cudagraph"
-    if device_type == "cpu" and epochs is not None and epochs >= COMPILE_PAYS_BACK:
-        return "compile"
+    if device_type == "cpu" and not remat:
+        return "no-autograd"
     return "eager"
 
 
@@ -113,6 +117,11 @@ def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = Fal
     device = x.device
     if loop in CUDA_ONLY and device.type != "cuda":
         raise UsageError(f"--loop {loop}: needs a CUDA device; torch is on {device.type}")
+    if loop == "no-autograd":
+        if remat:
+            raise UsageError("--remat: does not apply to --loop no-autograd, which keeps one "
+                             "activation per layer already")
+        return handgrad.make_step(model, x, y, lr, full), 0.0
     params = list(model.parameters())
     t0 = time.perf_counter()
 
@@ -286,9 +295,11 @@ def floor_seconds(n: int, width: int, depth: int, dtype: torch.dtype, device: to
     return _timed(once, device, _inner(time.perf_counter() - t), repeats)
 
 
-def activation_bytes(model, x, y, full: bool, remat: bool = False) -> int:
-    """Bytes that autograd keeps for the backward pass of one epoch (distinct storages
-    saved by the forward, parameters and inputs excluded)."""
+def activation_bytes(model, x, y, full: bool, remat: bool = False, loop: str = "eager") -> int:
+    """Bytes that the backward pass of one epoch keeps: autograd's saved tensors (distinct
+    storages, parameters and inputs excluded), or `no-autograd`'s own buffers."""
+    if loop == "no-autograd":
+        return handgrad.activation_bytes(model, x)
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
     own |= {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
     seen: dict[int, int] = {}

@@ -138,8 +138,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     xs = _tensor(x, device)
     ys = _tensor(y, device)
     length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
-    loop = (default_loop(device.type, settings.epochs) if settings.loop == "auto"
-            else settings.loop)
+    loop = (default_loop(device.type, settings.epochs, settings.remat)
+            if settings.loop == "auto" else settings.loop)
     run_chunk, compile_s = make_runner(loop, model, xs, ys, settings.lr, settings.full,
                                        settings.remat)
 
