@@ -109,6 +109,30 @@ def test_no_autograd_refuses_remat_and_counts_its_buffers(problem):
     assert own < tloops.activation_bytes(model, xs, ys, False)  # autograd keeps more
 
 
+def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
+    # The loop's depth + 1 (N, width) blocks must not be alive while train() runs its final
+    # forward pass (which allocates its own): that sum, not the loop, would be the peak.
+    import weakref
+
+    state, x, y, s = problem
+    runs, alive = [], []
+    real_step, real_nll = tloops.handgrad.make_step, ttrain.gaussian_nll
+
+    def make_step(*args):
+        run = real_step(*args)
+        runs.append(weakref.ref(run))
+        return run
+
+    def nll(*args):  # train() calls it once, after the final forward pass
+        alive.append(runs[0]() is not None)
+        return real_nll(*args)
+
+    monkeypatch.setattr(tloops.handgrad, "make_step", make_step)
+    monkeypatch.setattr(ttrain, "gaussian_nll", nll)
+    ttrain.train(s.replace(loop="no-autograd"), x, y, state)
+    assert alive == [False]
+
+
 def test_jax_variants_train_the_same_run(problem, monkeypatch):
     # scan and step, unrolled and rematerialised: the numpy-free reference is scan itself.
     state, x, y, s = problem

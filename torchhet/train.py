@@ -177,6 +177,9 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0
+    # A loop's own buffers (no-autograd keeps depth + 1 (N, width) blocks, CUDA graphs a
+    # pool) go before the final forward pass allocates its own: not both at the peak.
+    del run_chunk
 
     with torch.no_grad():
         mu, var = model(xs)
