@@ -28,9 +28,10 @@ import optax
 from flax import nnx
 
 from hetcore.results import remat_segments
+from hetcore.settings import LOOPS as ALL_LOOPS
 from jaxhet.model import PRECISION, gaussian_nll
 
-LOOPS = ("scan", "step")
+LOOPS = ALL_LOOPS["jax"]  # named once, in hetcore.settings
 
 # Scan iterations unrolled into one loop body. An epoch is ~4 ms of matrix products on a
 # CPU against ~1 us of while-loop bookkeeping: `scripts/bench.py --unroll 4` was within the

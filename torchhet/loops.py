@@ -30,10 +30,11 @@ import torch
 
 from hetcore.errors import UsageError
 from hetcore.results import remat_segments
+from hetcore.settings import LOOPS as ALL_LOOPS
 from torchhet import handgrad
 from torchhet.model import gaussian_nll
 
-LOOPS = ("eager", "optim", "compile", "cudagraph", "reduce-overhead", "no-autograd")
+LOOPS = ALL_LOOPS["torch"]  # named once, in hetcore.settings
 CUDA_ONLY = ("cudagraph", "reduce-overhead")
 WARMUP_STEPS = 3  # CUDA graph capture wants a few steps on a side stream first
 
