@@ -875,7 +875,7 @@ def select_variants(spec: str, fws: dict, remat: bool, unroll: int | None,
             raise UsageError(f"--variants {name}: needs a CUDA device; torch is on {kind}")
         v = fws[fw].variant(loop, False, unroll) if fw == "jax" else fws[fw].variant(loop, False)
         out.append(v)
-        if remat and loop != "no-autograd":  # it keeps one activation per layer already
+        if remat and loop != "no-autograd":  # it has no remat (depth + 1 blocks anyway)
             out.append(fws[fw].variant(loop, True))
     for name, trial in (extra or {}).items():
         out.append(Variant(name, "extra", name, trial))

@@ -107,6 +107,9 @@ def test_no_autograd_refuses_remat_and_counts_its_buffers(problem):
     own = tloops.activation_bytes(model, xs, ys, False, loop="no-autograd")
     assert own == 2 * 40 * 12 * 8  # depth 2, N 40, width 12, float64
     assert own < tloops.activation_bytes(model, xs, ys, False)  # autograd keeps more
+    model.layers.append(torch.nn.Tanh())  # not the network it writes the backward for
+    with pytest.raises(ValueError, match="Linear, ReLU"):
+        tloops.make_runner("no-autograd", model, xs, ys, 0.1, False)
 
 
 def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):

@@ -6,26 +6,30 @@ large matrix products, and each element-wise pass reads and writes a fresh (N, w
 block that no longer fits the core's cache. Written out, the epoch is the products and as
 few in-place passes as the maths allows, into buffers allocated once:
 
-    forward   h_l = relu(h_{l-1} W_l^T + b_l)     (one product into a kept buffer, relu
-                                                   in place; the first layer as [x | 1]
-                                                   times [W_1 | b_1]^T)
-              [mu, s] = h_L [w_mu; w_var]^T + b    (the two heads as one product)
+    forward   h_l = relu(h_{l-1} W_l^T + b_l)     (eager's addmm, into a kept buffer; relu
+                                                   in place)
+              mu = h_L w_mu^T + b_mu, s = h_L w_var^T + b_var
               var = softplus(s) + eps, loss = mean(log(var)/2 + (y - mu)^2 / (2 var))
     backward  d mu = -(y - mu) / (var n),  d var = (1 - (y - mu)^2 / var) / (2 var n),
               d s = softplus'(s) d var  (torch's own softplus_backward: beta 1, threshold 20)
               g_L = [d mu, d s] [w_mu; w_var], zeroed where h_L = 0 (ReLU's gradient)
               g_{l-1} = g_l W_l (W_l before its update), zeroed where h_{l-1} = 0
     update    W_l <- W_l - lr g_l^T h_{l-1}        (one addmm_: the gradient never stored;
-                                                   the first layer's bias in the same product)
+                                                   the first layer as [W_1 | b_1] against
+                                                   [x | 1], its bias in the same product)
               other biases and the heads: p <- p - lr grad (multi-tensor ops)
 
-It trains the same run as `eager` (tests/test_loops.py: float64 losses and weights to
-1e-12), not bit for bit: an update by a fused product rounds once where the lecture's
-`p - g * lr` rounds g, g * lr and the difference, and the heads are one product.
+The forward pass rounds as eager's does (the same calls), so epoch 0's loss is the
+lecture's bit for bit; the backward pass and the update do not: a weight update by
+`addmm_(alpha=-lr)` rounds inside MKL's product where the lecture rounds g, g * lr and
+the difference, and the heads' gradients are one product. It trains the same run as
+`eager` to rounding (tests/test_loops.py: float64 losses to 1e-12, weights to 1e-11;
+tests/test_train.py: float32 losses to 1e-6 over the lecture's first 100 epochs).
 
 It keeps one (N, width) activation per layer and one gradient block: each layer's gradient
-is written over the activation the backward pass has just finished with. That is the least
-any loop keeps short of recomputing, so rematerialisation does not apply to it.
+is written over the activation the backward pass has just finished with, depth + 1 blocks
+in all (autograd's loops keep about two per layer at the peak). It has no
+rematerialisation, which would pay off only for deep trunks.
 """
 
 from __future__ import annotations
@@ -53,12 +57,16 @@ def make_step(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
     """run(count, losses): `count` epochs, their losses written into the device tensor
     `losses[:count]`, `model` updated in place.
 
-    Two parts are worked on as stacked copies, read from the model before and written back
-    after each call (so a caller that sets the model's weights between calls, to replay a
-    chunk, is seen): the heads (2, width) and (2,), and the first layer with its bias as
-    one more input column, [W | b] against [x | 1], so that one product gives the layer's
-    forward pass and another its weight and bias update.
+    Two parts are worked on as stacked copies, read from the model before each call and
+    written back after it, even when it is interrupted (so a caller that sets the model's
+    weights between calls, to replay a chunk, is seen): the heads (2, width) and (2,), and
+    the first layer with its bias as one more input column, [W | b] against [x | 1], so
+    that one product gives the layer's weight and bias update.
     """
+    kinds = [type(m) for m in model.layers]
+    if kinds != [torch.nn.Linear, torch.nn.ReLU] * (len(kinds) // 2) or not kinds:
+        raise ValueError(f"no-autograd: expected Linear, ReLU pairs in model.layers, got "
+                         f"{[k.__name__ for k in kinds]}")
     linears = trunk_linears(model)
     heads = (model.mean_head, model.var_head)
     first = linears[0]
@@ -74,12 +82,14 @@ def make_step(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
     const = 0.5 * math.log(2 * math.pi)
 
     def step() -> torch.Tensor:
-        torch.mm(x1, a_first.t(), out=acts[0]).relu_()
+        # The forward pass makes eager's calls on views of the stacked copies, so that it
+        # rounds as eager (and the lecture) do: epoch 0's loss is theirs, bit for bit.
+        torch.addmm(a_first[:, -1], x, a_first[:, :-1].t(), out=acts[0]).relu_()
         for lin, inp, out in zip(linears[1:], acts, acts[1:]):
             torch.addmm(lin.bias, inp, lin.weight.t(), out=out).relu_()  # (n, width)
         h = acts[-1]
-        z = torch.addmm(b_heads, h, w_heads.t())  # (n, 2): mu, pre-softplus variance
-        mu, s = z[:, 0:1], z[:, 1:2]
+        mu = torch.addmm(b_heads[0:1], h, w_heads[0:1].t())  # (n, 1)
+        s = torch.addmm(b_heads[1:2], h, w_heads[1:2].t())  # (n, 1), before softplus
         var = torch.nn.functional.softplus(s) + EPS
         r = y - mu
         loss = (torch.log(var) / 2 + r ** 2 / (2 * var)).mean()  # gaussian_nll's order
@@ -88,7 +98,7 @@ def make_step(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
         d_mu = (r * inv).mul_(-1.0 / n)
         d_s = _softplus_backward(q.neg_().add_(1.0).mul_(inv).mul_(0.5 / n), s, 1, 20)
         dz = torch.cat([d_mu, d_s], 1)  # (n, 2)
-        g = torch.mm(dz, w_heads, out=top)
+        g = torch.mm(dz, w_heads, out=top)  # (n, width)
         _threshold_backward_(g, h)
         grads = [dz.t() @ h, dz.sum(0)]  # heads: weights (2, width), biases (2,)
         small = [w_heads, b_heads]
@@ -110,13 +120,15 @@ def make_step(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
             torch.cat([first.weight, first.bias[:, None]], 1, out=a_first)
             torch.cat([heads[0].weight, heads[1].weight], out=w_heads)
             torch.cat([heads[0].bias, heads[1].bias], out=b_heads)
-            for i in range(count):
-                losses[i] = step()
-            first.weight.copy_(a_first[:, :-1])
-            first.bias.copy_(a_first[:, -1])
-            for k, head in enumerate(heads):
-                head.weight.copy_(w_heads[k:k + 1])
-                head.bias.copy_(b_heads[k:k + 1])
+            try:
+                for i in range(count):
+                    losses[i] = step()
+            finally:  # the model whole again, whatever stopped the loop
+                first.weight.copy_(a_first[:, :-1])
+                first.bias.copy_(a_first[:, -1])
+                for k, head in enumerate(heads):
+                    head.weight.copy_(w_heads[k:k + 1])
+                    head.bias.copy_(b_heads[k:k + 1])
 
     return run
 

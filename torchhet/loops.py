@@ -120,8 +120,8 @@ def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = Fal
         raise UsageError(f"--loop {loop}: needs a CUDA device; torch is on {device.type}")
     if loop == "no-autograd":
         if remat:
-            raise UsageError("--remat: does not apply to --loop no-autograd, which keeps one "
-                             "activation per layer already")
+            raise UsageError("--remat: --loop no-autograd does not rematerialise (it keeps "
+                             "depth + 1 activation blocks); use eager, optim or compile")
         return handgrad.make_step(model, x, y, lr, full), 0.0
     params = list(model.parameters())
     t0 = time.perf_counter()

@@ -150,7 +150,8 @@ def train(settings: Settings, x: np.ndarray, y: np.ndarray, initial_weights: dic
                                             settings.checkpoint_every):
         before = [p.detach().clone() for p in params]  # to replay a chunk that went bad
         run_chunk(n, losses)  # losses stay on the device; read once per chunk
-        part = losses[:n].cpu().numpy()
+        part = losses[:n].cpu().numpy().copy()  # on a CPU .numpy() shares losses' memory,
+        # which a replay below writes again
         history[start:start + n] = part
         bad = first_nonfinite(part)
         if bad is not None or not _finite(params):
