@@ -119,10 +119,10 @@ def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
 
     state, x, y, s = problem
     runs, alive = [], []
-    real_step, real_nll = tloops.handgrad.make_step, ttrain.gaussian_nll
+    real_runner, real_nll = tloops.handgrad.make_runner, ttrain.gaussian_nll
 
-    def make_step(*args):
-        run = real_step(*args)
+    def make_runner(*args):
+        run = real_runner(*args)
         runs.append(weakref.ref(run))
         return run
 
@@ -130,7 +130,7 @@ def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
         alive.append(runs[0]() is not None)
         return real_nll(*args)
 
-    monkeypatch.setattr(tloops.handgrad, "make_step", make_step)
+    monkeypatch.setattr(tloops.handgrad, "make_runner", make_runner)
     monkeypatch.setattr(ttrain, "gaussian_nll", nll)
     ttrain.train(s.replace(loop="no-autograd"), x, y, state)
     assert alive == [False]

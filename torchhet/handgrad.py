@@ -53,7 +53,7 @@ def activation_bytes(model, x: torch.Tensor) -> int:
     return sum(x.shape[0] * lin.out_features * x.element_size() for lin in trunk_linears(model))
 
 
-def make_step(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
+def make_runner(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
     """run(count, losses): `count` epochs, their losses written into the device tensor
     `losses[:count]`, `model` updated in place.
 

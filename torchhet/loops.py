@@ -122,7 +122,7 @@ def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = Fal
         if remat:
             raise UsageError("--remat: --loop no-autograd does not rematerialise (it keeps "
                              "depth + 1 activation blocks); use eager, optim or compile")
-        return handgrad.make_step(model, x, y, lr, full), 0.0
+        return handgrad.make_runner(model, x, y, lr, full), 0.0
     params = list(model.parameters())
     t0 = time.perf_counter()
 
