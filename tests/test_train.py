@@ -171,7 +171,7 @@ def test_every_loop_trains_the_same_run(fw, loops, small_state, small_data):
             np.testing.assert_allclose(r.weights[n], runs[0].weights[n], rtol=1e-12, atol=1e-14)
 
 
-def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison):
+def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison, loop="eager"):
     """A small torch run (12 epochs in chunks of 4) whose runner calls `poison(n, losses)`
     after each of its calls; `poison` returns True to make a weight infinite there (an
     update that leaves the loss finite). Returns (run, the clean run's losses)."""
@@ -182,7 +182,7 @@ def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison):
     state = small_state(width=8, depth=1)
     x, y = small_data(n=20)
     s = Settings(framework="torch", device="cpu", preset="none", epochs=12, lr=0.01, width=8,
-                 depth=1, chunk_epochs=5, loop="eager")
+                 depth=1, chunk_epochs=5, loop=loop)
     clean = ttrain.train(s, x, y, state).loss_history
 
     def make_runner(loop, model, *args, **kwargs):
@@ -200,15 +200,16 @@ def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison):
     return lambda: ttrain.train(s, x, y, state)
 
 
+@pytest.mark.parametrize("loop", ["eager", "no-autograd"])
 def test_torch_names_the_update_that_made_weights_nonfinite(small_state, small_data,
-                                                            monkeypatch):
+                                                            monkeypatch, loop):
     # An update that leaves the loss finite but a weight infinite (here injected after the
     # last epoch of a chunk, which no later loss of the chunk can reveal): the chunk is
     # replayed from its start, epoch by epoch, and the run stops naming that epoch.
     def at_epoch_3(n, losses, clean):  # the same epoch on replay, by its loss
         return losses[n - 1].item() == clean[3]
 
-    run = _torch_run_that_blows_up(small_state, small_data, monkeypatch, at_epoch_3)
+    run = _torch_run_that_blows_up(small_state, small_data, monkeypatch, at_epoch_3, loop)
     with pytest.raises(TrainingDiverged) as info:
         run()
     assert info.value.epoch == 3  # chunks of 4 epochs: 12 = 3 x 4; epoch 3 ends the first
