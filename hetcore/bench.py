@@ -276,9 +276,10 @@ class _Torch:
                 "(torch keeps no CPU allocator statistics); at least parameters + gradients + "
                 "data + saved activations")
         else:  # no /proc high-water mark here: count what the epoch must hold
-            out["peak_bytes"] = held + 2 * n * width * item
+            blocks = 1 if loop == "no-autograd" else 2  # it writes gradients over spent
+            out["peak_bytes"] = held + blocks * n * width * item  # activations (handgrad)
             out["peak_memory_method"] = ("estimate: parameters + gradients + data + saved "
-                                         "activations + two (N, width) gradient buffers")
+                                         f"activations + {blocks} (N, width) gradient buffers")
         return out
 
     _warmed = False

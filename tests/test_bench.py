@@ -182,6 +182,31 @@ def test_a_drifting_peak_is_flagged_in_the_table():
     assert bench._drift_line(None) == []
 
 
+@pytest.mark.parametrize("loop,blocks", [("eager", 2), ("no-autograd", 1)])
+def test_torch_cpu_memory_estimate_where_nothing_can_be_measured(loop, blocks, monkeypatch):
+    # Without a resettable high-water mark the peak is counted: parameters, gradients,
+    # data, the loop's saved activations, and its gradient blocks (no-autograd writes all
+    # but one over spent activations).
+    class Unmeasurable:
+        bytes = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(bench.hostmem, "ResidentPeak", Unmeasurable)
+    n, width = 50, 8
+    x, y, w, _ = bench.workload("none", n, width, 2, 0)
+    out = bench._Torch("cpu", None, tf32=False).variant(loop).memory(w, x, y, 1e-3, False, 5, 3)
+    params = sum(a.size for a in w.values()) * 4
+    held = 2 * params + 2 * n * 4 + out["activation_bytes"]
+    assert out["peak_bytes"] == held + blocks * n * width * 4
+    method = out["peak_memory_method"]
+    assert method.startswith("estimate") and f"{blocks} (N, width)" in method
+
+
 def test_the_tf32_option_leaves_torchs_precision_as_it_was():
     # The labelled TF32 runs set torchhet's precision for themselves only: the peaks
     # measured around them stay true float32.
