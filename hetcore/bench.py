@@ -418,12 +418,13 @@ def _time_variants(variants, w, x, y, lr, full, epochs, chunk, repeats, log) -> 
                      "compile_s": compile_s, "seconds": []})
         runs.append(run)
         log(f"  {v.name}: compiled/warmed up in {compile_s:.2f} s")
-    # Round-robin within each framework, one framework after the other: torch's OpenMP
-    # threads spin for a while after each op and would steal the cores from XLA's pool
-    # (and the other way round) if the two alternated.
-    for fw in dict.fromkeys(row["framework"] for row in rows):
-        _settle(fw)
-        for r in range(repeats):
+    # Round-robin over every variant, so that the machine's drift (here up to 15% within a
+    # run) falls on both frameworks alike; a pause whenever the framework changes, since
+    # torch's OpenMP threads spin for a while after each op and would steal the cores from
+    # XLA's pool (and the other way round).
+    for r in range(repeats):
+        for fw in dict.fromkeys(row["framework"] for row in rows):
+            _settle(fw)
             for row, run in zip(rows, runs):
                 if run is None or row["framework"] != fw:
                     continue

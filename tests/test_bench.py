@@ -207,6 +207,31 @@ def test_torch_cpu_memory_estimate_where_nothing_can_be_measured(loop, blocks, m
     assert method.startswith("estimate") and f"{blocks} (N, width)" in method
 
 
+def test_repeats_alternate_between_the_frameworks(monkeypatch):
+    # Every round times every variant of both frameworks, so that the machine's drift over
+    # a run falls on both alike; the framework changes with a pause, not between variants
+    # of one framework.
+    calls, pauses = [], []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: pauses.append((len(calls), s)))
+    monkeypatch.setattr(bench, "_last_framework", [None])
+
+    def variant(name, fw):
+        def trial(*args):
+            def run():
+                calls.append(name)
+                return 1.0, np.zeros(3), 0.0
+
+            return 0.0, run
+
+        return bench.Variant(name, fw, name, trial)
+
+    vs = [variant("a", "jax"), variant("b", "jax"), variant("c", "torch")]
+    rows = bench._time_variants(vs, None, None, None, 0.1, False, 3, 3, 3, lambda m: None)
+    assert calls == ["a", "b", "c"] * 3
+    assert [at for at, _ in pauses] == [2, 3, 5, 6, 8]  # at each change of framework
+    assert all(len(r["seconds"]) == 3 for r in rows)
+
+
 def test_the_tf32_option_leaves_torchs_precision_as_it_was():
     # The labelled TF32 runs set torchhet's precision for themselves only: the peaks
     # measured around them stay true float32.
