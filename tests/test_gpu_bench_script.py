@@ -78,3 +78,17 @@ def test_a_step_over_its_cap_is_stopped_and_named(tmp_path):
     steps = (out / "steps.log").read_text()
     assert "exit 124 after" in steps and "(out of time)" in steps
     assert "== nonsense: unknown step" in steps
+
+
+def test_a_step_that_ignores_sigint_is_killed_and_still_out_of_time(tmp_path):
+    # Python drops a KeyboardInterrupt that lands in a gc callback (JAX registers one), so
+    # a step may outlive its SIGINT: it is killed 15 s later (exit 137), and that still
+    # reads as out of time (exit 124), not as a crash.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\ntrap "" INT\nsleep 60\n')
+    fake.chmod(0o755)
+    out = tmp_path / "gpu"
+    proc = _run(out, STEPS="bench", BENCH_S="1", MIN_STEP_S="0", PYTHON=str(fake))
+    assert proc.returncode == 124, proc.stdout + proc.stderr
+    steps = (out / "steps.log").read_text()
+    assert "exit 137 after" in steps and "(out of time)" in steps
