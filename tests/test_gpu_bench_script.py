@@ -76,7 +76,10 @@ def test_a_step_over_its_cap_is_stopped_and_named(tmp_path):
     proc = _run(out, STEPS="bench nonsense", BENCH_S="1", MIN_STEP_S="0")
     assert proc.returncode == 124, proc.stdout + proc.stderr
     steps = (out / "steps.log").read_text()
-    assert "exit 124 after" in steps and "(out of time)" in steps
+    # 124 when the SIGINT stopped it; 137 when Python dropped the interrupt (in one of
+    # JAX's gc callbacks, frequent while it imports) and the kill 15 s later did
+    assert "(out of time)" in steps
+    assert "exit 124 after" in steps or "exit 137 after" in steps
     assert "== nonsense: unknown step" in steps
 
 
