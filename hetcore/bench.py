@@ -869,7 +869,7 @@ def select_variants(spec: str, fws: dict, remat: bool, unroll: int | None,
             raise UsageError(f"--variants {name}: expected framework:loop, e.g. jax:scan")
         if fw not in fws:
             continue
-        from hetcore.settings import LOOPS
+        from hetcore.settings import LOOPS, NO_REMAT
 
         if loop not in LOOPS[fw]:
             raise UsageError(f"--variants {name}: {fw} has {', '.join(LOOPS[fw])}")
@@ -877,7 +877,7 @@ def select_variants(spec: str, fws: dict, remat: bool, unroll: int | None,
             raise UsageError(f"--variants {name}: needs a CUDA device; torch is on {kind}")
         v = fws[fw].variant(loop, False, unroll) if fw == "jax" else fws[fw].variant(loop, False)
         out.append(v)
-        if remat and loop != "no-autograd":  # it has no remat (depth + 1 blocks anyway)
+        if remat and loop not in NO_REMAT:
             out.append(fws[fw].variant(loop, True))
     for name, trial in (extra or {}).items():
         out.append(Variant(name, "extra", name, trial))

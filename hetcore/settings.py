@@ -17,6 +17,9 @@ DTYPES = ("float32", "float64")
 LOOPS = {"jax": ("scan", "step"),
          "torch": ("eager", "optim", "compile", "cudagraph", "reduce-overhead",
                    "no-autograd")}
+# Loops without rematerialisation: torchhet's no-autograd writes its backward out and keeps
+# depth + 1 (N, width) blocks (torchhet/handgrad.py); --remat with it is refused here.
+NO_REMAT = ("no-autograd",)
 
 # The lecture's run (SPEC section 1).
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")
@@ -161,3 +164,6 @@ def validate(s: Settings) -> None:
         raise UsageError(f"--full: expected a boolean, got {s.full!r}")
     if not isinstance(s.remat, bool):
         raise UsageError(f"--remat: expected a boolean, got {s.remat!r}")
+    if s.remat and s.loop in NO_REMAT:
+        raise UsageError(f"--remat: --loop {s.loop} does not rematerialise (it keeps depth + 1 "
+                         "activation blocks); use eager, optim or compile")

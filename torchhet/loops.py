@@ -118,10 +118,7 @@ def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = Fal
     device = x.device
     if loop in CUDA_ONLY and device.type != "cuda":
         raise UsageError(f"--loop {loop}: needs a CUDA device; torch is on {device.type}")
-    if loop == "no-autograd":
-        if remat:
-            raise UsageError("--remat: --loop no-autograd does not rematerialise (it keeps "
-                             "depth + 1 activation blocks); use eager, optim or compile")
+    if loop == "no-autograd":  # remat refused with the settings (hetcore.settings.NO_REMAT)
         return handgrad.make_runner(model, x, y, lr, full), 0.0
     params = list(model.parameters())
     t0 = time.perf_counter()
