@@ -137,13 +137,18 @@ class _Jax:
         return self.jax.__version__
 
     def variant(self, loop: str, remat: bool = False, unroll: int | None = None) -> Variant:
+        """`unroll` (scan only; None: jaxhet's own) is named in the variant's name where it
+        is not jaxhet's own."""
         around = None if unroll is None else (lambda: _setting(self.loops, "UNROLL", unroll))
         trial = via_train("jax", loop, self.device_arg, remat, around)
 
         def memory(w, x, y, lr, full, chunk, epochs):
-            return self._memory(loop, w, x, y, lr, full, chunk, epochs, remat)
+            with around() if around else contextlib.nullcontext():
+                return self._memory(loop, w, x, y, lr, full, chunk, epochs, remat)
 
         tag = f"jax:{loop}" + ("+remat" if remat else "")
+        if unroll not in (None, self.loops.UNROLL):
+            tag += f"+unroll{unroll}"
         return Variant(tag, "jax", loop, trial, remat, memory)
 
     def _setup(self, w, x, y, lr):
@@ -796,7 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "equal final losses; float32: the float32 early-epoch check only")
     p.add_argument("--remat", action="store_true",
                    help="also time every variant with rematerialisation")
-    p.add_argument("--unroll", type=int, default=None, help="jax scan unroll (default: tuned)")
+    p.add_argument("--unroll", default=None,
+                   help="jax scan unroll; a comma-separated list times scan at each (default: "
+                   "jaxhet's own, jaxhet.loops.UNROLL)")
     p.add_argument("--sweep", action="store_true", help="run the scaling sweep instead")
     p.add_argument("--points", default="500,5000,50000,500000,1000000",
                    help="sweep point counts (comma-separated)")
@@ -830,8 +837,8 @@ def _check_args(args) -> None:
         raise UsageError("--repeat-seconds: must be positive")
     if args.max_epoch_s is not None and not args.max_epoch_s > 0:
         raise UsageError("--max-epoch-s: must be positive")
-    if args.unroll is not None and args.unroll < 1:
-        raise UsageError("--unroll: must be at least 1")
+    if args.unroll is not None:
+        _ints(args.unroll, "--unroll")
     if args.sweep:
         _ints(args.points, "--points")
         _ints(args.widths, "--widths")
@@ -857,8 +864,9 @@ def _frameworks(device: str, threads: int, tf32: bool, wanted: set) -> dict:
     return fws
 
 
-def select_variants(spec: str, fws: dict, remat: bool, unroll: int | None,
+def select_variants(spec: str, fws: dict, remat: bool, unroll: list[int] | None,
                     extra: dict | None) -> list[Variant]:
+    """The variants `spec` names that can run here; JAX's scan once per `unroll` value."""
     kind = next(iter(fws.values())).kind if fws else "cpu"
     names = list(CUDA_VARIANTS if kind == "gpu" else CPU_VARIANTS) if spec == "all" else \
         [s.strip() for s in spec.split(",") if s.strip()]
@@ -875,8 +883,10 @@ def select_variants(spec: str, fws: dict, remat: bool, unroll: int | None,
             raise UsageError(f"--variants {name}: {fw} has {', '.join(LOOPS[fw])}")
         if fw == "torch" and loop in ("cudagraph", "reduce-overhead") and kind != "gpu":
             raise UsageError(f"--variants {name}: needs a CUDA device; torch is on {kind}")
-        v = fws[fw].variant(loop, False, unroll) if fw == "jax" else fws[fw].variant(loop, False)
-        out.append(v)
+        if fw == "jax" and loop == "scan":
+            out += [fws[fw].variant(loop, False, k) for k in dict.fromkeys(unroll or [None])]
+        else:
+            out.append(fws[fw].variant(loop, False))
         if remat and loop not in NO_REMAT:
             out.append(fws[fw].variant(loop, True))
     for name, trial in (extra or {}).items():
@@ -900,7 +910,8 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     if not fws:
         raise UsageError(f"--variants {spec}: names no framework (jax, torch)")
     kind = next(iter(fws.values())).kind
-    variants = select_variants(spec, fws, args.remat, args.unroll, extra_variants)
+    unroll = None if args.unroll is None else _ints(args.unroll, "--unroll")
+    variants = select_variants(spec, fws, args.remat, unroll, extra_variants)
     out = args.out or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     size = args.peak_size or (4096 if kind == "gpu" else 2048)

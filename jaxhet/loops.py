@@ -36,8 +36,9 @@ LOOPS = ALL_LOOPS["jax"]  # named once, in hetcore.settings
 # Scan iterations unrolled into one loop body. An epoch is ~4 ms of matrix products on a
 # CPU against ~1 us of while-loop bookkeeping: `scripts/bench.py --unroll 4` was within the
 # noise of 1 on the project's CPU (README, Performance) and doubled compile time. On a GPU
-# (~30 us epochs, not measured here) unrolling could let XLA overlap epochs' kernels; try
-# --unroll there.
+# (~30 us epochs, not measured here) unrolling could let XLA overlap epochs' kernels and
+# pay the loop's per-iteration bookkeeping once per several epochs: scripts/gpu_bench.sh
+# times `--unroll 1,10` in one benchmark run, to settle it there.
 UNROLL = 1
 
 # Chosen from scripts/bench.py's figures (README, Performance): `scan` and `step` compile

@@ -61,6 +61,19 @@ def test_bench_writes_the_documented_report(tmp_path, capsys):
     assert "agreement: ok" in (out / "bench.txt").read_text()
 
 
+def test_unroll_list_times_scan_at_each(tmp_path, capsys):
+    from jaxhet import loops
+
+    code, out = _run(tmp_path, "--variants", "jax:scan,jax:step", "--unroll", "1,3",
+                     "--check", "float32")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "bench.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["jax:scan", "jax:scan+unroll3", "jax:step"]
+    # the variant ran (and its memory was planned) with its own unroll; the default is back
+    assert any(k[0] == "scan" and k[5] == 3 for k in loops._compiled)
+    assert loops.UNROLL == 1 and report["agreement"]["ok"]
+
+
 def _broken(scale):
     """A torch variant that is wrong in a way speed would not show: a scaled learning rate."""
 
@@ -93,6 +106,7 @@ def test_the_same_variant_injected_agrees(tmp_path):
     (["--variants", "jax:nope"], "--variants jax:nope"),
     (["--variants", "torch:cudagraph", "--device", "cpu"], "CUDA"),
     (["--repeats", "0"], "--repeats"),
+    (["--unroll", "1,0"], "--unroll"),
     (["--device", "tpu"], "--device"),
     (["--sweep", "--points", "10,x"], "--points"),
     (["--no-such-option"], "unrecognized"),
