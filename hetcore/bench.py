@@ -881,7 +881,7 @@ def select_variants(spec: str, fws: dict, remat: bool, unroll: list[int] | None,
 
         if loop not in LOOPS[fw]:
             raise UsageError(f"--variants {name}: {fw} has {', '.join(LOOPS[fw])}")
-        if fw == "torch" and loop in ("cudagraph", "reduce-overhead") and kind != "gpu":
+        if fw == "torch" and loop in fws[fw].loops.CUDA_ONLY and kind != "gpu":
             raise UsageError(f"--variants {name}: needs a CUDA device; torch is on {kind}")
         if fw == "jax" and loop == "scan":
             out += [fws[fw].variant(loop, False, k) for k in dict.fromkeys(unroll or [None])]

@@ -165,5 +165,6 @@ def validate(s: Settings) -> None:
     if not isinstance(s.remat, bool):
         raise UsageError(f"--remat: expected a boolean, got {s.remat!r}")
     if s.remat and s.loop in NO_REMAT:
+        others = [loop for loop in LOOPS["torch"] if loop not in NO_REMAT]
         raise UsageError(f"--remat: --loop {s.loop} does not rematerialise (it keeps depth + 1 "
-                         "activation blocks); use eager, optim or compile")
+                         f"activation blocks); use {', '.join(others)}")
