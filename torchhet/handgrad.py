@@ -14,22 +14,31 @@ few in-place passes as the maths allows, into buffers allocated once:
               d s = softplus'(s) d var  (torch's own softplus_backward: beta 1, threshold 20)
               g_L = [d mu, d s] [w_mu; w_var], zeroed where h_L = 0 (ReLU's gradient)
               g_{l-1} = g_l W_l (W_l before its update), zeroed where h_{l-1} = 0
-    update    W_l <- W_l - lr g_l^T h_{l-1}        (one addmm_: the gradient never stored;
-                                                   the first layer as [W_1 | b_1] against
-                                                   [x | 1], its bias in the same product)
+    update    G_l = g_l^T h_{l-1} into one buffer, W_l <- W_l - (G_l * lr) (the lecture's two
+                                                   roundings; the first layer as [W_1 | b_1]
+                                                   against [x | 1], its bias in the same
+                                                   product)
               other biases and the heads: p <- p - lr grad (multi-tensor ops)
 
 The forward pass rounds as eager's does (the same calls), so epoch 0's loss is the
-lecture's bit for bit; the backward pass and the update do not: a weight update by
-`addmm_(alpha=-lr)` rounds inside MKL's product where the lecture rounds g, g * lr and
-the difference, and the heads' gradients are one product. It trains the same run as
-`eager` to rounding (tests/test_loops.py: float64 losses to 1e-12, weights to 1e-11;
-tests/test_train.py: float32 losses to 1e-6 over the lecture's first 100 epochs).
+lecture's bit for bit; the backward pass does not quite (the heads' gradients are one
+product). It trains the same run as `eager` to rounding (tests/test_loops.py: float64
+losses to 1e-12, weights to 1e-11; tests/test_train.py: float32 losses to 1e-6 over the
+lecture's first 100 epochs).
+
+The weight gradient is not fused into the update (`W.addmm_(g^T, h, alpha=-lr)`), though
+that would save a pass over W: with beta = 1 a BLAS may add each block of the product to
+W as it goes, and adding many terms of 1e-7 to weights of order 1 one block at a time
+loses them to W's rounding. MKL's AVX2 kernels do: in float32 the lecture's first
+update of the first layer was off from float64's by 7% of the step (weights) and 40%
+(biases), against 0.07% and 0.2% with the product stored first, as `eager` has it
+(docs/numerics.md).
 
 It keeps one (N, width) activation per layer and one gradient block: each layer's gradient
 is written over the activation the backward pass has just finished with, depth + 1 blocks
-in all (autograd's loops keep about two per layer at the peak). It has no
-rematerialisation, which would pay off only for deep trunks.
+in all (autograd's loops keep about two per layer at the peak), and one (width, width)
+block for the weight gradient of the layer being updated. It has no rematerialisation,
+which would pay off only for deep trunks.
 """
 
 from __future__ import annotations
@@ -77,6 +86,8 @@ def make_runner(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
     # into the activation buffer the backward pass has just finished with (see step)
     x1 = torch.cat([x, torch.ones(n, 1, **like)], 1)  # (n, in + 1)
     a_first = torch.empty(first.out_features, x1.shape[1], **like)  # [W | b]
+    g_first = torch.empty_like(a_first)  # its gradient
+    g_weight = torch.empty(width, width, **like) if len(linears) > 1 else None
     w_heads = torch.empty(2, width, **like)
     b_heads = torch.empty(2, **like)
     const = 0.5 * math.log(2 * math.pi)
@@ -109,9 +120,9 @@ def make_runner(model, x: torch.Tensor, y: torch.Tensor, lr: float, full: bool):
             # acts[k] is spent: layer k+1's update and g's mask have read it
             g_in = torch.mm(g, lin.weight, out=acts[k])  # with W before its update
             _threshold_backward_(g_in, inp)
-            lin.weight.addmm_(g.t(), inp, alpha=-lr)
+            lin.weight.sub_(torch.mm(g.t(), inp, out=g_weight).mul_(lr))
             g = g_in
-        a_first.addmm_(g.t(), x1, alpha=-lr)  # weights and bias at once
+        a_first.sub_(torch.mm(g.t(), x1, out=g_first).mul_(lr))  # weights and bias at once
         torch._foreach_sub_(small, torch._foreach_mul(grads, lr))
         return loss + const if full else loss
 
