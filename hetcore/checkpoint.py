@@ -17,6 +17,7 @@ import numpy as np
 
 from hetcore import interchange
 from hetcore.errors import UsageError
+from hetcore.settings import BACKENDS, Settings
 
 FORMAT = "jaxhet-checkpoint-1"
 
@@ -32,6 +33,7 @@ class Checkpoint:
     settings: dict
     data_digest: str
     extra: dict = field(default_factory=dict)
+    path: str = ""  # the file it was loaded from
 
 
 def filename(framework: str) -> str:
@@ -58,6 +60,7 @@ def save(path: str, ckpt: Checkpoint) -> None:
         "format": FORMAT, "framework": ckpt.framework, "epoch": ckpt.epoch,
         "settings": ckpt.settings, "data_digest": ckpt.data_digest, "extra": ckpt.extra,
     }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         interchange.write(tmp, tensors, meta)
@@ -95,9 +98,7 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
     ckpt = Checkpoint(framework=framework, epoch=epoch, weights=part("weights/"),
                       optimizer=part("optimizer/"), loss_history=history,
                       initial_weights=part("initial/"), settings=settings,
-                      data_digest=digest, extra=extra)
-    from hetcore.settings import Settings
-
+                      data_digest=digest, extra=extra, path=path)
     try:
         s = Settings(**settings)
     except (TypeError, UsageError) as e:
@@ -113,15 +114,19 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
     return ckpt
 
 
-def spans(start: int, epochs: int, length: int, every: int):
-    """(first epoch, count, checkpoint after it) of each chunk from `start` to `epochs`.
-
-    No chunk crosses a multiple of `every` (0: no checkpoints), so checkpoints land on
-    those epochs whatever the chunk length.
-    """
-    e = start
-    while e < epochs:
-        limit = min(epochs, (e // every + 1) * every) if every else epochs
-        n = min(length, limit - e)
-        yield e, n, bool(every) and ((e + n) % every == 0 or e + n == epochs)
-        e += n
+def find(out: str, label: str = "--resume") -> dict[str, Checkpoint]:
+    """The checkpoints of the unfinished run in directory `out`, by framework, checked to
+    belong to one run; any defect is a UsageError naming the directory."""
+    if not os.path.isdir(out):
+        raise UsageError(f"{label} {out}: no such directory")
+    found = {fw: os.path.join(out, filename(fw)) for fw in BACKENDS}
+    found = {fw: p for fw, p in found.items() if os.path.isfile(p)}
+    if not found:
+        raise UsageError(f"{label} {out}: holds no checkpoint (checkpoint-*.safetensors); "
+                         "was the run started with --checkpoint-every?")
+    ckpts = {fw: load(p, label) for fw, p in found.items()}
+    first = next(iter(ckpts.values()))
+    for fw, c in ckpts.items():
+        if c.settings != first.settings or c.framework != fw:
+            raise UsageError(f"{label} {out}: {filename(fw)} belongs to another run")
+    return ckpts

@@ -22,10 +22,14 @@ and the bound. `compare` is the summary that `train.py --framework both` writes 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hetcore.results import RunResult
+from hetcore.outputs import jsonable
+
+if TYPE_CHECKING:
+    from hetcore.driver import RunResult
 
 LABELS = ("jax", "torch")
 DTYPES = ("float32", "float64")
@@ -138,19 +142,7 @@ class Check:
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite numbers as strings ("inf"), since JSON has none."""
-        return _jsonable(asdict(self))
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else str(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+        return jsonable(asdict(self))
 
 
 def _as64(a) -> np.ndarray:
@@ -184,9 +176,6 @@ def diff(a, b) -> dict:
         "a": float(a.reshape(-1)[i]),
         "b": float(b.reshape(-1)[i]),
     }
-
-
-_diff = diff  # the name compare() has always used
 
 
 def _where(index: tuple) -> str:
@@ -490,7 +479,7 @@ def reference_check(label: str, run, others: list, reference, dtype: str,
 # Summary of two finished runs (train.py --framework both).
 
 
-def compare(a: RunResult, b: RunResult) -> dict:
+def compare(a: "RunResult", b: "RunResult") -> dict:
     """Largest differences between two runs, per quantity and per tensor, and where."""
     out = {
         "frameworks": [a.framework, b.framework],
@@ -499,11 +488,11 @@ def compare(a: RunResult, b: RunResult) -> dict:
         "initial_weights_identical": all(
             np.array_equal(a.initial_weights[n], b.initial_weights[n]) for n in a.initial_weights
         ),
-        "loss_history": _diff(a.loss_history, b.loss_history),
-        "final_loss": _diff([a.final_loss], [b.final_loss]),
-        "mu": _diff(a.mu, b.mu),
-        "sigma": _diff(a.sigma, b.sigma),
-        "weights": {n: _diff(a.weights[n], b.weights[n]) for n in a.weights},
+        "loss_history": diff(a.loss_history, b.loss_history),
+        "final_loss": diff([a.final_loss], [b.final_loss]),
+        "mu": diff(a.mu, b.mu),
+        "sigma": diff(a.sigma, b.sigma),
+        "weights": {n: diff(a.weights[n], b.weights[n]) for n in a.weights},
     }
     for key in ("loss_history", "final_loss", "mu", "sigma"):
         out[key]["index"] = list(out[key]["index"])

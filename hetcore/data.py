@@ -1,6 +1,6 @@
 """Data sets: the lecture's own draw, synthetic draws of the same law, and the user's files.
 
-The law (SPEC section 1): x = linspace(-3, 3, N); y = sin(x) + noise with standard deviation
+The law (docs/interface.md): x = linspace(-3, 3, N); y = sin(x) + noise with standard deviation
 0.1 * (3 - |x|), largest at the centre.
 """
 

@@ -1,4 +1,4 @@
-"""The two failures a command reports without a traceback (SPEC section 3)."""
+"""The two failures a command reports without a traceback (docs/interface.md, exit status)."""
 
 
 class UsageError(Exception):

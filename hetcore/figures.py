@@ -1,4 +1,4 @@
-"""Figures: the fit (SPEC section 3) and the two frameworks' comparison."""
+"""Figures: the fit of a run and the two frameworks' comparison."""
 
 from __future__ import annotations
 

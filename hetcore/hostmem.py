@@ -3,8 +3,8 @@
 An eager PyTorch epoch on a CPU allocates every activation, gradient and update as a new
 tensor (about a dozen 1 MiB blocks for the lecture's model) and frees it a moment later.
 glibc hands blocks that large back to the kernel on free (munmap, or trimming the top of
-the heap), so each one is zero-filled page by page on first touch again, every epoch: on
-this project's 2-core VM that cost ~40% of torch's `eager` epoch (README, Performance).
+the heap), so each one is zero-filled page by page on first touch again, every epoch, a
+large share of torch's `eager` epoch on a small CPU (docs/performance.md, host memory).
 Raising glibc's mmap and trim thresholds keeps freed memory in the heap, where the next
 epoch finds it already mapped: what jemalloc or tcmalloc do when preloaded (PyTorch's CPU
 performance guide), without a preload.
@@ -15,12 +15,10 @@ How far to raise them is a trade of memory for speed, so `HET_HOST_MALLOC` choos
   reused; a block of 32 MiB or more is mapped and handed back as glibc does by default, so
   no run holds more memory than under glibc's defaults beyond those 64 MiB. Such blocks
   are faulted in 2 MiB pages rather than 4 KiB ones: torch's THP_MEM_ALLOC_ENABLE (unless
-  set already), where the kernel offers transparent huge pages; 15x fewer page faults and
-  epochs 25-35% faster at N = 200,000 x 512 or 4,000,000 x 64 on this machine.
+  set already), where the kernel offers transparent huge pages: far fewer page faults.
 - `large`: blocks under 1 GiB from the heap, up to 2 GiB of freed heap kept. Epochs with
-  blocks of 32 MiB-1 GiB run 20-35% faster (N = 50,000-200,000 at width 512), but the
-  process holds up to twice the memory, more with rematerialisation (heap fragmentation:
-  README, Performance).
+  blocks of 32 MiB-1 GiB run faster, but the process holds up to twice the memory, more
+  with rematerialisation (heap fragmentation). The figures: docs/performance.md.
 - `system`: glibc as it is (to measure the difference).
 
 The setting is process-wide, so only commands that own their process (the train command

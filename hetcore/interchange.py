@@ -1,4 +1,4 @@
-"""The weights interchange file (SPEC section 2): safetensors, torch names and layout.
+"""The weights interchange file: safetensors, torch names and layout.
 
 In memory a set of weights is a "state dict": a dict from the lecture module's state_dict
 names to numpy arrays in torch layout, (out, in) for weights. jaxhet.weights converts it to
@@ -8,6 +8,7 @@ and from Flax's layout; torchhet uses it as it is. No pickle is read or written 
 from __future__ import annotations
 
 import json
+import math
 import os
 from importlib import resources
 
@@ -44,6 +45,27 @@ def shapes(width: int, depth: int, in_features: int = 1) -> dict[str, tuple[int,
         out[f"{head}.weight"] = (1, width)
         out[f"{head}.bias"] = (1,)
     return out
+
+
+def init_bound(fan_in: int) -> float:
+    """The initial law both frameworks draw from, torch.nn.Linear's default: every tensor
+    of a layer uniform in (-b, b), b = 1/sqrt(the layer's fan-in) (kaiming_uniform with
+    a=sqrt(5) for the weight, the same bound for the bias)."""
+    return 1.0 / math.sqrt(fan_in)
+
+
+def init_bounds(width: int, depth: int, in_features: int = 1) -> dict[str, float]:
+    """init_bound of every tensor, by name."""
+    expected = shapes(width, depth, in_features)
+    return {n: init_bound(expected[n.rsplit(".", 1)[0] + ".weight"][1]) for n in expected}
+
+
+def draw_initial(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.ndarray]:
+    """Initial weights of that law drawn by numpy (PCG64, `seed`), in module order: for
+    code that must give both frameworks the same weights without either's generator."""
+    rng = np.random.default_rng(seed)
+    return {n: rng.uniform(-b, b, s).astype(dtype)
+            for (n, s), b in zip(shapes(width, depth).items(), init_bounds(width, depth).values())}
 
 
 def check(state: dict, width: int, depth: int, dtype: str, label: str = "weights") -> None:
@@ -109,11 +131,40 @@ def read(path: str, label: str = "--init-from", max_bytes: int | None = None
             f"{label} {path}: looks like a pickle or torch.save file, which is refused; "
             "use safetensors"
         )
+    if looks_safetensors:
+        _refuse_foreign_dtypes(path, header_len, label)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"{label} {path}: not a valid safetensors file ({msg})") from None
+
+
+# safetensors' dtype codes that numpy holds; a file may hold others (bfloat16, float8).
+NUMPY_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16",
+                "I16": "int16", "F16": "float16", "U32": "uint32", "I32": "int32",
+                "F32": "float32", "U64": "uint64", "I64": "int64", "F64": "float64"}
+
+
+def _refuse_foreign_dtypes(path: str, header_len: int, label: str) -> None:
+    """A tensor of a dtype numpy cannot hold (bfloat16, say) is refused naming the tensor
+    and its dtype, not as a broken file. A header that does not parse is left to the
+    reader, which names what is wrong with it."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        raw = f.read(min(header_len, HEADER_ALLOWANCE))
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return
+    if not isinstance(header, dict):
+        return
+    for name, info in sorted(header.items()):
+        code = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
+        if isinstance(code, str) and code not in NUMPY_DTYPES:
+            kind = {"BF16": "bfloat16"}.get(code, code.lower())
+            raise UsageError(f"{label} {path}: tensor '{name}' is {kind}; weights are float32 "
+                             "or float64")
 
 
 def read_metadata(path: str) -> dict:
@@ -149,14 +200,6 @@ def lecture_weights() -> dict[str, np.ndarray]:
 
 def cast(state: dict, dtype: str) -> dict[str, np.ndarray]:
     return {n: np.asarray(a, dtype=dtype) for n, a in state.items()}
-
-
-def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
-    """Largest absolute difference per tensor (float64 arithmetic)."""
-    return {
-        n: float(np.max(np.abs(a[n].astype(np.float64) - b[n].astype(np.float64))))
-        for n in a
-    }
 
 
 def architecture(state: dict) -> tuple[int, int]:

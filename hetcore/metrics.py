@@ -9,7 +9,7 @@ import numpy as np
 
 def final_metrics(y: np.ndarray, mu: np.ndarray, var: np.ndarray, loss: float,
                   true_sigma: np.ndarray | None = None) -> dict:
-    """`final` block of metrics.json (SPEC section 3).
+    """`final` block of metrics.json.
 
     loss: the training loss of the final weights, as the framework computed it.
     nll: the full Gaussian negative log-likelihood per point, constant included.

@@ -99,10 +99,28 @@ def staged(out: str):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def jsonable(obj):
+    """`obj` as JSON's types: numpy scalars and arrays as Python numbers and lists, tuples
+    as lists, keys as strings, and non-finite floats, which JSON lacks, as the strings
+    "inf", "-inf" and "nan"."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if np.isfinite(v) else str(v)
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    return obj
+
+
 def write_json(path: str, obj) -> None:
-    """JSON with floats written exactly (repr) and NaN refused; the file is replaced whole
+    """`jsonable(obj)` as JSON, floats written exactly (repr); the file is replaced whole
     (written beside it, then renamed), so a reader or a kill never sees half of one."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
     part = f"{path}.part"
     with open(part, "w", encoding="utf-8") as f:
         f.write(text)

@@ -1,40 +1,25 @@
-"""What a training run returns, the same in both frameworks."""
+"""What runs when: the chunks a run's epochs are dispatched in, and the trunk segments that
+rematerialisation recomputes together."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Iterator, NamedTuple
 
 
-@dataclass
-class RunResult:
-    """A finished run: histories and weights as numpy, torch layout for weights."""
+class Span(NamedTuple):
+    """One chunk of a run: `count` epochs from epoch `start`; `checkpoint` says whether a
+    checkpoint is due after it."""
 
-    framework: str
-    device: str
-    dtype: str
-    loss_history: np.ndarray  # (epochs,): loss of each epoch's forward pass, before its update
-    initial_weights: dict[str, np.ndarray]
-    weights: dict[str, np.ndarray]
-    mu: np.ndarray  # (N,) final mean at the training points
-    var: np.ndarray  # (N,) final variance
-    final_loss: float  # loss of the final weights
-    compile_s: float  # compile or warm-up seconds
-    train_s: float  # seconds of training proper
-    versions: dict = field(default_factory=dict)
-    loop: str = ""
-
-    @property
-    def sigma(self) -> np.ndarray:
-        return np.sqrt(self.var.astype(np.float64))
+    start: int
+    count: int
+    checkpoint: bool
 
 
 def chunk_plan(epochs: int, chunk_epochs: int) -> tuple[int, int]:
     """(length, count) of the compiled chunks that cover `epochs`.
 
-    Chunks are of equal length so that one compiled function serves them all; the last
+    Chunks are of equal length so that one compiled program serves them all; the last
     chunk masks at most count-1 epochs. The length depends on the epoch count only, never
     on data or weights.
     """
@@ -49,9 +34,18 @@ def chunk_length(epochs: int, chunk_epochs: int, checkpoint_every: int = 0) -> i
     return chunk_plan(span, chunk_epochs)[0]
 
 
-def first_nonfinite(losses: np.ndarray) -> int | None:
-    bad = ~np.isfinite(losses)
-    return int(np.argmax(bad)) if bad.any() else None
+def spans(start: int, epochs: int, length: int, every: int) -> Iterator[Span]:
+    """The chunks from epoch `start` to `epochs`, at most `length` epochs each.
+
+    No chunk crosses a multiple of `every` (0: no checkpoints), so checkpoints land on
+    those epochs whatever the chunk length; the last chunk is always followed by one.
+    """
+    e = start
+    while e < epochs:
+        limit = min(epochs, (e // every + 1) * every) if every else epochs
+        n = min(length, limit - e)
+        yield Span(e, n, bool(every) and ((e + n) % every == 0 or e + n == epochs))
+        e += n
 
 
 def remat_segments(depth: int) -> list[tuple[int, int]]:

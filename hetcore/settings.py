@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from hetcore.errors import UsageError
 
-FRAMEWORKS = ("jax", "torch", "both")
+BACKENDS = ("jax", "torch")  # the framework packages, jaxhet and torchhet
+FRAMEWORKS = BACKENDS + ("both",)
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 PRESETS = ("lecture", "none")
 DTYPES = ("float32", "float64")
@@ -21,7 +22,7 @@ LOOPS = {"jax": ("scan", "step"),
 # depth + 1 (N, width) blocks (torchhet/handgrad.py); --remat with it is refused here.
 NO_REMAT = ("no-autograd",)
 
-# The lecture's run (SPEC section 1).
+# The lecture's run.
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")
 LECTURE_SEED = 10  # torch.random.manual_seed(10) in the lecture
 EPS = 1e-6  # added to softplus(var_head) in both frameworks

@@ -1,0 +1,198 @@
+"""The backend contract: what a framework package provides, so that the run driver, the
+comparison criteria and the commands are written once for both.
+
+`jaxhet.backend` and `torchhet.backend` each implement `Backend` as a module (its
+functions and constants); `hetapps.registry` maps a framework's name to it. Weights cross
+the seam as state dicts: the interchange file's tensor names and torch layout, numpy arrays
+(hetcore.interchange). Devices are the framework's own objects, opaque here.
+
+A training run is an `Engine` (one per run, from `Backend.engine`): it runs a chunk of
+epochs from its state when launched, reports the chunk's losses and the first epoch that
+failed when read, and hands back its state for a checkpoint. How it finds the failed epoch
+(a failure index carried in a compiled loop, a replay of the chunk) is its own business;
+`Chunk` is what the driver sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Ways to run the same training that change speed or rounding, never the maths; the
+    benchmark times them as variants, and a run records them.
+
+    Attributes:
+      unroll: JAX's `scan` iterations per loop body. 1 (the default) is one epoch per
+        iteration: on a CPU, unrolling was within the noise and doubled compile time
+        (docs/performance.md). Other loops, and torch's, refuse any other value.
+      matmul_precision: "highest" (full float32 products, every device) or "tf32" (the
+        device's fast reduced-precision float32 products where it has them: TF32 on
+        recent NVIDIA GPUs; a CPU computes in float32 either way).
+    """
+
+    unroll: int = 1
+    matmul_precision: str = "highest"
+
+    def __post_init__(self):
+        if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 1:
+            raise ValueError(f"unroll must be a positive integer, got {self.unroll!r}")
+        if self.matmul_precision not in PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {PRECISIONS}, got "
+                             f"{self.matmul_precision!r}")
+
+
+PRECISIONS = ("highest", "tf32")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A finished chunk as the driver reads it.
+
+    losses: (count,) the loss of each epoch's forward pass, before its update.
+    failed: the first epoch (counted over the whole run) whose loss was not finite or whose
+      update made a weight non-finite; None when every epoch was finite.
+    update_failed: whether `failed` names an update (its loss was finite) rather than a loss.
+    """
+
+    losses: np.ndarray
+    failed: int | None = None
+    update_failed: bool = False
+
+    @classmethod
+    def from_losses(cls, start: int, losses: np.ndarray) -> "Chunk":
+        """A chunk whose only failure can be a non-finite loss."""
+        bad = ~np.isfinite(losses)
+        return cls(losses, start + int(np.argmax(bad)) if bad.any() else None)
+
+
+@dataclass(frozen=True)
+class Final:
+    """The trained model: its weights (state dict) and its predictions and loss on the
+    training data."""
+
+    weights: StateDict
+    mu: np.ndarray  # (N,)
+    var: np.ndarray  # (N,)
+    loss: float
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One training run on one device, n epochs at a time.
+
+    Attributes:
+      loop: the training loop it runs (a name of hetcore.settings.LOOPS).
+      device: the device it runs on, described (Backend.describe).
+      compile_s: seconds spent compiling or warming up before the first epoch.
+      in_flight: how many launched chunks the driver may hold unread; 2 lets the host read
+        chunk c-1 while the device runs chunk c, 1 reads each chunk before the next.
+    """
+
+    loop: str
+    device: str
+    compile_s: float
+    in_flight: int
+
+    def launch(self, start: int, count: int) -> Any:
+        """Run (or queue) epochs start .. start + count - 1; returns a handle for `read`.
+        Epochs after a failed one change nothing."""
+
+    def read(self, handle: Any) -> Chunk:
+        """The chunk's losses and first failure (waits for the chunk if need be)."""
+
+    def state(self) -> tuple[StateDict, dict[str, np.ndarray]]:
+        """Host copies of the weights and the optimiser state (flattened, named) after every
+        chunk launched so far; what a checkpoint keeps."""
+
+    def wait(self) -> None:
+        """Block until every launched chunk has finished on the device."""
+
+    def finish(self) -> Final:
+        """Release the loop's own buffers, then predict on the training data."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A framework package's side of the seam (jaxhet.backend, torchhet.backend)."""
+
+    NAME: str  # "jax" or "torch"
+    LOOPS: tuple[str, ...]
+
+    def resolve_device(self, name: str) -> Any:
+        """The device for --device `name` (auto, cpu, gpu, tpu); UsageError listing those
+        present when it is absent."""
+
+    def describe(self, device: Any) -> str:
+        """A short name for reports, e.g. 'cpu:0 (cpu)'."""
+
+    def platform(self, device: Any) -> str:
+        """The kind of device: "cpu", "gpu" or "tpu"."""
+
+    def memory_bytes(self, device: Any) -> int:
+        """Memory the device offers, for refusing runs that cannot fit."""
+
+    def init_weights(self, width: int, depth: int, dtype: str, seed: int) -> StateDict:
+        """Initial weights drawn from `seed` with the framework's own generator
+        (hetcore.interchange.init_bounds's law)."""
+
+    def predict(self, weights: StateDict, x: np.ndarray, device: str = "auto",
+                full: bool = False, y: np.ndarray | None = None):
+        """(mu, var, loss) as numpy for inputs x (N, 1); loss needs y (else None)."""
+
+    def loss_and_grad(self, weights: StateDict, x: np.ndarray, y: np.ndarray,
+                      device: str = "auto", full: bool = False) -> tuple[float, StateDict]:
+        """The loss and every parameter's gradient, gradients as a state dict."""
+
+    def versions(self) -> dict:
+        """Versions of the framework and its libraries, for metrics.json."""
+
+    def engine(self, settings, x: np.ndarray, y: np.ndarray, weights: StateDict,
+               optimizer: dict[str, np.ndarray] | None = None,
+               options: EngineOptions = EngineOptions()) -> Engine:
+        """An engine for `settings` (dtype, device, loop, lr, loss, chunk length) on x, y
+        (N, 1) from `weights`, and from `optimizer` (a checkpoint's optimiser state) when
+        resuming. Compiles or warms up before it returns."""
+
+
+@runtime_checkable
+class Measure(Protocol):
+    """What the benchmark measures inside a framework (jaxhet.measure, torchhet.measure).
+    Devices are named as --device names them; the others run on settings.device."""
+
+    def matmul_seconds(self, size: int, dtype: str, device: str, repeats: int) -> list[float]:
+        """Seconds of each of `repeats` (size x size) @ (size x size) products at full
+        precision."""
+
+    def floor_seconds(self, n: int, width: int, depth: int, dtype: str, device: str,
+                      repeats: int) -> list[float]:
+        """One epoch's own matrix products back to back (the matmul floor)."""
+
+    def epoch_flops(self, settings, x, y, weights) -> float | None:
+        """FLOPs of one epoch as the framework's compiler counts them (None: it does not)."""
+
+    def program_memory(self, settings, x, y, weights,
+                       options: EngineOptions = EngineOptions()) -> dict | None:
+        """The compiled training program's buffer plan in bytes, `peak` among them (None:
+        the framework plans no buffers ahead)."""
+
+    def activation_bytes(self, settings, x, y, weights) -> int:
+        """Bytes the backward pass keeps from the forward pass (weights and data excluded)."""
+
+    def reset_peak(self, device: str) -> None:
+        """Start counting the device allocator's peak afresh (where it keeps one)."""
+
+    def peak_bytes(self, device: str) -> int | None:
+        """The device allocator's peak since reset_peak, or None where it keeps none."""
+
+    def release(self, device: str) -> None:
+        """Hand memory the framework caches for reuse back to the device."""
+
+    def set_threads(self, threads: int) -> None:
+        """Compute on `threads` CPU threads (the process's CPU affinity is set already)."""

@@ -1,0 +1,169 @@
+"""The run driver, written once for both frameworks: a run's chunks, the host syncs between
+them (pipelined where the engine allows), the progress bar, divergence, checkpoints and
+resume, and the RunResult.
+
+A run is a pure function of (settings, data, initial weights): `train(backend, settings,
+x, y, initial_weights)` builds the backend's engine and drives it chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetcore import checkpoint, interchange
+from hetcore.backend import Backend, EngineOptions
+from hetcore.errors import TrainingDiverged, UsageError
+from hetcore.schedule import chunk_length, spans
+from hetcore.settings import Settings
+
+
+@dataclass
+class RunResult:
+    """A finished run: histories and weights as numpy, torch layout for weights."""
+
+    framework: str
+    device: str
+    dtype: str
+    loss_history: np.ndarray  # (epochs,): loss of each epoch's forward pass, before its update
+    initial_weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+    mu: np.ndarray  # (N,) final mean at the training points
+    var: np.ndarray  # (N,) final variance
+    final_loss: float  # loss of the final weights
+    compile_s: float  # compile or warm-up seconds
+    train_s: float  # seconds of training proper
+    versions: dict = field(default_factory=dict)
+    loop: str = ""
+
+    @property
+    def sigma(self) -> np.ndarray:
+        return np.sqrt(self.var.astype(np.float64))
+
+
+class Progress:
+    """A tqdm bar over epochs, moved once per chunk (off when stderr is not a terminal)."""
+
+    def __init__(self, label: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=label, unit="epoch", file=sys.stderr,
+                        dynamic_ncols=True, disable=None)
+
+    def __call__(self, done: int, loss: float) -> None:
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.5f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def initial_weights(settings: Settings, backend: Backend) -> tuple[dict, str]:
+    """A run's initial weights and where they came from: the --init-from file, the
+    lecture's own draw, or `backend`'s initialiser at the settings' seed."""
+    if settings.init_from is not None:
+        w = interchange.read_weights(settings.init_from, settings.width, settings.depth,
+                                     settings.dtype)
+        return w, os.path.abspath(settings.init_from)
+    if settings.lecture_weights:
+        return interchange.cast(interchange.lecture_weights(), settings.dtype), "lecture"
+    w = backend.init_weights(settings.width, settings.depth, settings.dtype, settings.init_seed)
+    return w, f"{backend.NAME} init(seed={settings.init_seed})"
+
+
+def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
+          initial_weights: dict, *, progress: bool = False,
+          resume: checkpoint.Checkpoint | None = None, checkpoint_path: str | None = None,
+          checkpoint_extra: dict | None = None,
+          options: EngineOptions = EngineOptions()) -> RunResult:
+    """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
+
+    Args:
+      backend: the framework (hetcore.backend.Backend).
+      settings: the run; epochs, chunk length and checkpoint interval are read here, the
+        rest by the backend's engine.
+      x, y: training data, (N, 1) arrays of settings.dtype.
+      initial_weights: torch-layout state dict of settings.dtype.
+      progress: show a progress bar, moved once per chunk.
+      resume: a checkpoint of this run (same settings and data) to continue from; the
+        result is that of the uninterrupted run, bit for bit.
+      checkpoint_path: where to write a checkpoint every settings.checkpoint_every epochs
+        and at the end (replaced atomically); None: no checkpoints.
+      checkpoint_extra: metadata the checkpoint carries for the command (e.g. where the
+        initial weights came from).
+      options: the engine's options (speed or rounding, never the maths).
+
+    Returns:
+      RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite or
+      whose update made a weight non-finite; no checkpoint is written from such a chunk.
+    """
+    digest = checkpoint.data_digest(x, y)
+    history = np.full(settings.epochs, np.nan)
+    first = 0
+    if resume is not None:
+        if resume.data_digest != digest:
+            raise UsageError(f"--resume {os.path.dirname(resume.path) or resume.path}: the data "
+                             "differ from those the run started with")
+        first = resume.epoch
+        history[:first] = resume.loss_history
+    engine = backend.engine(settings, x, y,
+                            initial_weights if resume is None else resume.weights,
+                            None if resume is None else resume.optimizer, options)
+    length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
+    bar = Progress(f"{backend.NAME} train", settings.epochs) if progress else None
+
+    pending: deque = deque()  # (span, handle) launched and not yet read
+    failed = None  # the Chunk that named the first failure
+
+    def consume() -> None:
+        nonlocal failed
+        span, handle = pending.popleft()
+        chunk = engine.read(handle)
+        history[span.start:span.start + span.count] = chunk.losses
+        if chunk.failed is not None:
+            failed = chunk
+        elif bar is not None:
+            bar(span.start + span.count, float(chunk.losses[-1]))
+
+    t0 = time.perf_counter()
+    try:
+        for span in spans(first, settings.epochs, length, settings.checkpoint_every):
+            pending.append((span, engine.launch(span.start, span.count)))
+            if span.checkpoint and checkpoint_path is not None:
+                while pending and failed is None:
+                    consume()
+                if failed is None:  # a diverged chunk never replaces the last good one
+                    weights, optimizer = engine.state()
+                    end = span.start + span.count
+                    checkpoint.save(checkpoint_path, checkpoint.Checkpoint(
+                        framework=backend.NAME, epoch=end, weights=weights,
+                        optimizer=optimizer, loss_history=history[:end].astype(settings.dtype),
+                        initial_weights=initial_weights, settings=settings.to_dict(),
+                        data_digest=digest, extra=dict(checkpoint_extra or {})))
+            elif len(pending) >= engine.in_flight:  # read chunk c-1 while chunk c runs
+                consume()
+            if failed is not None:
+                break
+        while pending and failed is None:
+            consume()
+        engine.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+    train_s = time.perf_counter() - t0
+    if failed is not None:
+        raise TrainingDiverged(backend.NAME, failed.failed, float(history[failed.failed]),
+                               weights=failed.update_failed)
+    final = engine.finish()
+    return RunResult(
+        framework=backend.NAME, device=engine.device, dtype=settings.dtype,
+        loss_history=history.astype(settings.dtype), initial_weights=dict(initial_weights),
+        weights=final.weights, mu=final.mu, var=final.var, final_loss=final.loss,
+        compile_s=engine.compile_s, train_s=train_s, versions=backend.versions(),
+        loop=engine.loop,
+    )
