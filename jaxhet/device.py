@@ -40,9 +40,21 @@ def resolve_device(name: str = "auto") -> jax.Device:
     return devices[0]
 
 
+def enable_x64(dtype: str) -> None:
+    """float64 needs JAX's x64 mode: switched on at the first float64 use and left on
+    (float32 runs give every dtype explicitly, so they are unaffected)."""
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+
+
 def describe(device: jax.Device) -> str:
     kind = getattr(device, "device_kind", "") or device.platform
     return f"{device.platform}:{device.id} ({kind})"
+
+
+def platform(device: jax.Device) -> str:
+    """"cpu", "gpu" or "tpu" (JAX's own platform names; ROCm and CUDA are both "gpu")."""
+    return "gpu" if device.platform in ("cuda", "rocm") else device.platform
 
 
 def memory_bytes(device: jax.Device) -> int:

@@ -1,20 +1,25 @@
-"""Training loops, each a way to run the same SGD epoch; mirrors torchhet/loops.py.
+"""The JAX engine: a run's epochs as jit-compiled programs; mirrors torchhet/engine.py.
 
+Loops, each a way to run the same SGD epoch:
 - `scan`: a chunk of epochs is one compiled `lax.scan` (the default: one dispatch and one
   host sync per chunk, weights donated so XLA updates them in place);
 - `step`: one jit-compiled epoch per Python call, for comparison.
 
-Both present the same runner: `runner(carry, n, start) -> (carry, losses, failed)` for
-the n epochs from epoch `start` on; `losses` and `failed` are device arrays whose first `n`
-entries are the chunk's losses and, after each epoch, the carry's `failed`; nothing is read
-back to the host. The carry is (params, opt_state, failed), `failed` the int32 index of the
-first epoch whose loss or update was not finite (-1 while there is none; `new_carry`); the
-copies in the output survive the carry's donation to the next chunk.
+A run is a pure function of (settings, data, initial weights): the compiled programs take
+weights, data and learning rate as arguments, so new values never recompile; only the
+architecture, dtype, point count, chunk length and the engine's options are compiled in.
+
+Failures are found inside the compiled loop. The carry is (params, opt_state, failed),
+`failed` the int32 index of the first epoch whose loss or update was not finite (-1 while
+there is none): from that epoch on the weights stay those of the last finite step and
+later epochs do nothing, so the host reads the failed epoch exactly with the chunk's
+losses, and never has to replay anything. The host reads chunk c-1 while chunk c runs
+(`in_flight = 2`): the copies of losses and `failed` in a chunk's output survive the
+carry's donation to the next chunk.
 
 `remat=True` checkpoints the trunk in about sqrt(depth) segments (`jax.checkpoint`,
 nothing saved inside a segment): the backward pass recomputes a segment's activations
-instead of keeping them; less memory, one more trunk forward. The measurement helpers at
-the end serve scripts/bench.py (hetcore.bench).
+instead of keeping them; less memory, one more trunk forward.
 """
 
 from __future__ import annotations
@@ -27,28 +32,23 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hetcore.results import remat_segments
+from hetcore.backend import Chunk, EngineOptions, Final
+from hetcore.errors import UsageError
+from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
-from jaxhet.model import PRECISION, gaussian_nll
+from hetcore.settings import Settings
+from jaxhet.device import describe, resolve_device
+from jaxhet.model import PRECISIONS, gaussian_nll
+from jaxhet.weights import put, to_state_dict
 
 LOOPS = ALL_LOOPS["jax"]  # named once, in hetcore.settings
 
-# Scan iterations unrolled into one loop body. An epoch is ~4 ms of matrix products on a
-# CPU against ~1 us of while-loop bookkeeping: `scripts/bench.py --unroll 4` was within the
-# noise of 1 on the project's CPU (README, Performance) and doubled compile time. On a GPU
-# (~30 us epochs, not measured here) unrolling could let XLA overlap epochs' kernels and
-# pay the loop's per-iteration bookkeeping once per several epochs: scripts/gpu_bench.sh
-# times `--unroll 1,10` in one benchmark run, to settle it there.
-UNROLL = 1
-
-# Chosen from scripts/bench.py's figures (README, Performance): `scan` and `step` compile
-# in about the same time (~1 s), and the whole chunk as one program is at least as fast as
-# a Python-driven step on a CPU; on a GPU (reasoned, not measured here) it also removes the
-# per-epoch dispatch (~10-20 us) that would dominate the lecture's ~30 us epoch.
-def default_loop(platform: str, epochs: int | None = None) -> str:
-    """The loop that finishes a run soonest, compile time included, on this platform."""
-    return "scan"
-
+# The loop that finishes a run soonest, compile time included, on every platform (from
+# scripts/bench.py's figures, docs/performance.md): `scan` and `step` compile in about the
+# same time, and the whole chunk as one program is at least as fast as a Python-driven step
+# on a CPU; on a GPU (reasoned, not yet measured) it also removes the per-epoch dispatch
+# that would dominate an epoch of a few tens of microseconds.
+DEFAULT_LOOP = "scan"
 
 def _forward(model, x, remat: bool):
     if not remat:
@@ -80,12 +80,8 @@ def new_carry(params, opt_state, device):
 
 def epoch(graphdef, full: bool, carry, x, y, lr, active, index, remat: bool = False):
     """Epoch `index` of SGD; `active` false (masked tail) or an earlier failure leaves the
-    carry as is.
-
-    carry = (params, opt_state, failed): `failed` becomes `index` at the first epoch whose
-    loss or update is not finite; the weights stay those of the last finite step and later
-    epochs do nothing, so the driver reads the failed epoch exactly (jaxhet.train).
-    """
+    carry as is. `failed` becomes `index` at the first epoch whose loss or update is not
+    finite (see the module docstring)."""
     params, opt_state, failed = carry
     ok = failed < 0
     tx = optax.sgd(lr)
@@ -121,14 +117,20 @@ def _scan_chunk(graphdef, length: int, full: bool, remat: bool, unroll: int, car
 
 
 def _step(graphdef, full: bool, remat: bool, carry, x, y, lr, active, index):
-    """One epoch; also returns the next epoch's index, so that the driver feeds the device
-    its own counter back instead of sending a host scalar every epoch."""
+    """One epoch; also returns the next epoch's index, so that the host feeds the device
+    its own counter back instead of sending a scalar every epoch."""
     carry, out = epoch(graphdef, full, carry, x, y, lr, active, index, remat)
     return carry, out, index + 1
 
 
+def _predict(graphdef, full: bool, params, x, y):
+    mu, var = nnx.merge(graphdef, params)(x)
+    return mu, var, gaussian_nll(mu, var, y, full)
+
+
 _scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
 _step_jit = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
+predict_jit = jax.jit(_predict, static_argnums=(0, 1))
 
 _compiled: dict = {}
 
@@ -145,16 +147,15 @@ def compile_once(fn, key, *args):
 
 
 def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device,
-                remat: bool = False):
-    """(runner, compile seconds) for `loop`; see the module docstring. `runner.compiled` is
-    the compiled program (for its buffer plan)."""
-    if loop not in LOOPS:
-        raise ValueError(f"jax loop must be one of {LOOPS}, got {loop!r}")
-    unroll = max(1, min(int(UNROLL), length))
+                remat: bool = False, unroll: int = 1):
+    """(runner, compiled program) for `loop`: `runner(carry, n, start) -> (carry, losses,
+    failed)` runs the n epochs from epoch `start`; `losses` and `failed` are device arrays
+    whose first n entries are the chunk's losses and, after each epoch, the carry's
+    `failed`. Nothing is read back to the host."""
     sig = signature((carry, x, y, lr))
-    t0 = time.perf_counter()
     i32 = np.int32  # a strongly typed scalar: the compiled programs take int32
     if loop == "scan":
+        unroll = max(1, min(unroll, length))
         key = ("scan", graphdef, length, full, remat, unroll, sig, device)
         chunk = compile_once(_scan_jit, key, graphdef, length, full, remat, unroll, carry, x,
                              y, lr, i32(length), i32(0))
@@ -162,140 +163,89 @@ def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, d
         def runner(carry, n, start):
             carry, (losses, failed) = chunk(carry, x, y, lr, i32(n), i32(start))
             return carry, losses, failed
-    else:
-        on = jax.device_put(jnp.asarray(True), device)
-        key = ("step", graphdef, full, remat, sig, device)
-        first = jax.device_put(i32(0), device)
-        step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on, first)
 
-        def runner(carry, n, start):
-            out = []
-            index = jax.device_put(i32(start), device)  # one transfer per chunk
-            for _ in range(n):
-                carry, loss_failed, index = step(carry, x, y, lr, on, index)
-                out.append(loss_failed)
-            losses, failed = (jnp.stack(v) for v in zip(*out))
-            return carry, losses, failed
-    runner.compiled = chunk if loop == "scan" else step
-    return runner, time.perf_counter() - t0
+        return runner, chunk
+    on = jax.device_put(jnp.asarray(True), device)
+    key = ("step", graphdef, full, remat, sig, device)
+    step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on,
+                        jax.device_put(i32(0), device))
 
+    def runner(carry, n, start):
+        out = []
+        index = jax.device_put(i32(start), device)  # one transfer per chunk
+        for _ in range(n):
+            carry, loss_failed, index = step(carry, x, y, lr, on, index)
+            out.append(loss_failed)
+        losses, failed = (jnp.stack(v) for v in zip(*out))
+        return carry, losses, failed
 
-# ---- measurement helpers for scripts/bench.py (hetcore.bench) -------------------------
-
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jaxlibs: one dict per program
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
+    return runner, step
 
 
-def epoch_flops(graphdef, full: bool, carry, x, y, lr) -> float:
-    """Floating-point operations of one epoch as XLA's cost analysis of the compiled step
-    counts them (matrix products and element-wise work)."""
-    on = jnp.asarray(True)
-    compiled = jax.jit(_step, static_argnums=(0, 1, 2)).lower(
-        graphdef, full, False, carry, x, y, lr, on, np.int32(0)).compile()
-    return float(_cost(compiled).get("flops", float("nan")))
+class JaxEngine:
+    """hetcore.backend.Engine for JAX (see the module docstring)."""
 
+    in_flight = 2
 
-def memory_plan(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device,
-                remat: bool = False) -> dict:
-    """XLA's buffer plan of the loop's compiled program, in bytes (`peak` = arguments +
-    outputs + temporaries - donated aliases: what the program holds at most)."""
-    runner, _ = make_runner(loop, graphdef, full, length, carry, x, y, lr, device, remat)
-    m = runner.compiled.memory_analysis()
-    if m is None:
-        return {}
-    plan = {k: int(getattr(m, f"{k}_size_in_bytes", 0))
-            for k in ("argument", "output", "alias", "temp")}
-    plan["peak"] = plan["argument"] + plan["output"] + plan["temp"] - plan["alias"]
-    return plan
+    def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
+                 optimizer: dict | None = None, options: EngineOptions = EngineOptions()):
+        self.loop = DEFAULT_LOOP if settings.loop == "auto" else settings.loop
+        if self.loop not in LOOPS:
+            raise UsageError(f"--loop {self.loop}: not a jax loop; jax has auto, "
+                             f"{', '.join(LOOPS)}")
+        if options.unroll != 1 and self.loop != "scan":
+            raise UsageError(f"unroll {options.unroll}: only the jax scan loop unrolls, not "
+                             f"{self.loop}")
+        dtype, self.full = settings.dtype, settings.full
+        dev = resolve_device(settings.device)
+        self.device = describe(dev)
+        t0 = time.perf_counter()
+        self.graphdef, params = put(weights, dtype, dev, PRECISIONS[options.matmul_precision],
+                                    settings.width, settings.depth)
+        opt_state = optax.sgd(settings.lr).init(params)
+        if optimizer is not None:
+            leaves, tree = jax.tree.flatten(opt_state)
+            if len(optimizer) != len(leaves):
+                raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
+                                 f"expected {len(leaves)}")
+            opt_state = jax.device_put(
+                jax.tree.unflatten(tree, [optimizer[str(i)] for i in range(len(leaves))]), dev)
+        self.carry = new_carry(params, opt_state, dev)
+        self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
+        lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), dev)
+        length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
+        self.runner, self.compiled = make_runner(
+            self.loop, self.graphdef, self.full, length, self.carry, self.x, self.y, lr, dev,
+            settings.remat, options.unroll)
+        key = ("predict", self.graphdef, self.full, signature((params, self.x, self.y)), dev)
+        self.predict = compile_once(predict_jit, key, self.graphdef, self.full, params,
+                                    self.x, self.y)
+        self.compile_s = time.perf_counter() - t0
 
+    def launch(self, start: int, count: int):
+        self.carry, losses, failed = self.runner(self.carry, count, start)
+        return start, count, losses, failed
 
-def activation_bytes(graphdef, full: bool, params, x, y, remat: bool = False) -> int:
-    """Bytes the backward pass keeps from the forward (residuals of the loss's VJP),
-    parameters and data excluded."""
-    _, vjp = jax.vjp(lambda p: loss_fn(p, graphdef, x, y, full, remat), params)
+    def read(self, handle) -> Chunk:
+        """A failed epoch whose loss is finite had its update refused for making the
+        weights non-finite; the weights stayed finite, so no later loss is non-finite."""
+        start, count, losses, failed = handle
+        chunk = Chunk.from_losses(start, np.asarray(losses)[:count])
+        last_failed = int(np.asarray(failed)[count - 1])
+        if chunk.failed is None and last_failed >= 0:
+            return Chunk(chunk.losses, last_failed, update_failed=True)
+        return chunk
 
-    def where(a):
-        try:
-            return a.unsafe_buffer_pointer()
-        except Exception:  # noqa: BLE001 - not a single-device array
-            return id(a)
+    def state(self):
+        params, opt_state, _ = self.carry
+        return (to_state_dict(params),
+                {str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(opt_state))})
 
-    own = {where(a) for a in jax.tree.leaves((params, x, y))}
-    seen = {}
-    for leaf in jax.tree.leaves(vjp):
-        if isinstance(leaf, jax.Array) and where(leaf) not in own:
-            seen[where(leaf)] = int(leaf.nbytes)
-    return sum(seen.values())
+    def wait(self) -> None:
+        jax.block_until_ready(self.carry)
 
-
-def matmul_seconds(size: int, dtype: str, device, repeats: int = 5) -> list[float]:
-    """Seconds of each of `repeats` (size x size) @ (size x size) products at full
-    precision, after warm-up."""
-    key = jax.random.key(0)
-    a = jax.device_put(jax.random.normal(key, (size, size), dtype), device)
-    b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), dtype), device)
-
-    @jax.jit
-    def mm(a, b):
-        return jnp.dot(a, b, precision=PRECISION)
-
-    return _timed(lambda: mm(a, b), repeats)
-
-
-def _timed(fn, repeats: int, target_s: float = 0.05) -> list[float]:
-    """Seconds per call, each sample `inner` calls long (about `target_s`), after warm-up:
-    short programs are otherwise timed as much by the clock as by the work."""
-    jax.block_until_ready(fn())
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    inner = int(min(1000, max(1, target_s / max(time.perf_counter() - t, 1e-7))))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        outs = [fn() for _ in range(inner)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t) / inner)
-    return times
-
-
-def floor_seconds(n: int, width: int, depth: int, dtype: str, device, repeats: int = 5
-                  ) -> list[float]:
-    """One epoch's own matrix products back to back, nothing else (the matmul floor)."""
-    rng = np.random.default_rng(0)
-
-    def r(*shape):
-        return jax.device_put(rng.standard_normal(shape).astype(dtype), device)
-
-    x, gh = r(n, 1), r(n, 2)  # gh: the loss's gradient at the two heads' outputs
-    ws = [r(1, width)] + [r(width, width) for _ in range(depth - 1)]
-    heads = r(width, 2)  # mean and variance heads side by side
-    dot = lambda a, b: jnp.dot(a, b, precision=PRECISION)  # noqa: E731
-
-    @jax.jit
-    def once(x, ws, heads, gh):
-        hs, h = [], x
-        for w in ws:
-            h = dot(h, w)  # (n, width)
-            hs.append(h)
-        outs = [dot(h, heads), dot(h.T, gh)]  # heads: forward, weight gradient
-        dh = dot(gh, heads.T)  # heads: input gradient (n, width)
-        for k in range(depth - 1, -1, -1):
-            inp = x if k == 0 else hs[k - 1]
-            outs.append(dot(inp.T, dh))  # weight gradient (in, width)
-            if k > 0:
-                dh = dot(dh, ws[k].T)  # input gradient (n, width)
-        return outs
-
-    return _timed(lambda: once(x, ws, heads, gh), repeats)
-
-
-def peak_bytes(device) -> int | None:
-    """The device allocator's peak in use (GPU, TPU); None on CPU, which keeps none."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - a backend without statistics
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    def finish(self) -> Final:
+        params = self.carry[0]
+        mu, var, loss = self.predict(params, self.x, self.y)
+        return Final(to_state_dict(params), np.asarray(mu)[:, 0], np.asarray(var)[:, 0],
+                     float(loss))

@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hetcore.interchange import init_bound
 from hetcore.settings import EPS
 
-# Full float32 products on every device (SPEC section 4): without it TPUs and recent GPUs
-# may multiply float32 in bf16 or TF32.
+# Full float32 products on every device: without it TPUs and recent GPUs may multiply
+# float32 in bf16 or TF32. "tf32" (hetcore.backend.EngineOptions) is the explicit, labelled
+# way to let them.
 PRECISION = jax.lax.Precision.HIGHEST
+PRECISIONS = {"highest": PRECISION, "tf32": jax.lax.Precision.DEFAULT}
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default
 
 
@@ -36,10 +39,8 @@ def _softplus_bwd(x, g):
 softplus.defvjp(_softplus_fwd, _softplus_bwd)
 
 
-def _uniform_init(fan_in: int):
-    """torch.nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the
-    weight (kaiming_uniform with a=sqrt(5)) and for the bias."""
-    bound = 1.0 / math.sqrt(fan_in)
+def _uniform_init(bound: float):
+    """U(-bound, bound), the law of hetcore.interchange.init_bounds (torch.nn.Linear's)."""
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -47,10 +48,10 @@ def _uniform_init(fan_in: int):
     return init
 
 
-def _linear(fan_in: int, fan_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    init = _uniform_init(fan_in)
+def _linear(fan_in: int, fan_out: int, dtype, rngs: nnx.Rngs, precision) -> nnx.Linear:
+    init = _uniform_init(init_bound(fan_in))
     return nnx.Linear(
-        fan_in, fan_out, dtype=dtype, param_dtype=dtype, precision=PRECISION,
+        fan_in, fan_out, dtype=dtype, param_dtype=dtype, precision=precision,
         kernel_init=init, bias_init=init, rngs=rngs,
     )
 
@@ -63,15 +64,15 @@ class HeteroscedasticMLP(nnx.Module):
     """
 
     def __init__(self, width: int = 512, depth: int = 2, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs, in_features: int = 1):
+                 rngs: nnx.Rngs, in_features: int = 1, precision=PRECISION):
         trunk = []
         fan_in = in_features
         for _ in range(depth):
-            trunk += [_linear(fan_in, width, dtype, rngs), nnx.relu]
+            trunk += [_linear(fan_in, width, dtype, rngs, precision), nnx.relu]
             fan_in = width
         self.layers = nnx.Sequential(*trunk)
-        self.mean_head = _linear(width, 1, dtype, rngs)
-        self.var_head = _linear(width, 1, dtype, rngs)
+        self.mean_head = _linear(width, 1, dtype, rngs, precision)
+        self.var_head = _linear(width, 1, dtype, rngs, precision)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.heads(self.layers(x))

@@ -8,11 +8,14 @@ Sequential keeps its modules in an attribute of its own. Every name and shape is
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hetcore.errors import UsageError
-from hetcore.interchange import names
+from hetcore.interchange import architecture, names
+from jaxhet.device import enable_x64
+from jaxhet.model import PRECISION, HeteroscedasticMLP
 
 
 def flax_path(name: str) -> tuple:
@@ -75,3 +78,23 @@ def from_state_dict(state: dict, abstract: nnx.State) -> nnx.State:
     params = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(params, pure)
     return params
+
+
+def abstract_model(width: int, depth: int, dtype: str, precision=PRECISION):
+    """GraphDef and abstract parameter State of the model, without allocating weights."""
+    enable_x64(dtype)
+    model = nnx.eval_shape(lambda: HeteroscedasticMLP(
+        width, depth, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), precision=precision))
+    return nnx.split(model, nnx.Param)
+
+
+def put(state: dict, dtype: str, device, precision=PRECISION, width: int | None = None,
+        depth: int | None = None):
+    """(graphdef, params): a state dict as the parameters of the model of `width` and
+    `depth` (default: the state's own) in `dtype` on `device`; a tensor that does not fit
+    is a UsageError naming it."""
+    if width is None or depth is None:
+        width, depth = architecture(state)
+    graphdef, abstract = abstract_model(width, depth, dtype, precision)
+    params = from_state_dict({n: np.asarray(a, dtype=dtype) for n, a in state.items()}, abstract)
+    return graphdef, jax.device_put(params, device)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import numpy as np
 import torch
 
 from hetcore.errors import UsageError
+
+# torch's float32 matmul precision for each hetcore.backend.EngineOptions.matmul_precision:
+# "highest" never uses TF32; "high" lets CUDA use TF32 (a CPU computes float32 either way).
+_TORCH_PRECISION = {"highest": "highest", "tf32": "high"}
 
 
 def available() -> list[str]:
@@ -35,8 +41,36 @@ def describe(device: torch.device) -> str:
     return "cpu:0 (cpu)"
 
 
+def platform(device: torch.device) -> str:
+    """"gpu" for CUDA, else "cpu"."""
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
 def memory_bytes(device: torch.device) -> int:
     """Memory the device offers: the GPU's total, or the host's physical memory."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[1])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str = "highest"):
+    """Run the block with torch's float32 matmul precision for `precision` ("highest" or
+    "tf32"), and put the process's own setting back after it."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(_TORCH_PRECISION[precision])
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy on `device` (numpy arrays may be read-only or non-contiguous)."""
+    return torch.tensor(np.asarray(a), device=device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a CPU runs every op before returning."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,5 +1,6 @@
-"""Training loops, each a way to run the same SGD epoch; mirrors jaxhet/loops.py.
+"""The torch engine: a run's epochs through one of several loops; mirrors jaxhet/engine.py.
 
+Loops, each a way to run the same SGD epoch:
 - `eager`: the lecture's loop, `param.data -= param.grad * lr`, bit for bit;
 - `optim`: torch.optim.SGD with its multi-tensor update (foreach; fused on CUDA);
 - `compile`: forward and loss through `torch.compile` (Inductor fuses the element-wise
@@ -12,10 +13,15 @@
 - `no-autograd`: the backward pass written out as matrix products into buffers allocated
   once, no autograd (torchhet/handgrad.py); not the lecture's rounding.
 
-Each presents the same runner: `runner(n, losses)` runs n epochs and writes their losses
-into the device tensor `losses[:n]`; nothing is read back to the host. Warm-up (compiling,
-capturing) happens in `make_runner`, is timed there, and leaves the weights as they were:
-the first epoch the runner runs is the run's epoch 0, from the initial weights.
+Each loop is a runner, `runner(n, losses)`: n epochs, their losses written into the device
+tensor `losses[:n]`, nothing read back to the host. Warm-up (compiling, capturing) happens
+in `make_runner`, is timed there, and leaves the weights as they were: the first epoch the
+runner runs is the run's epoch 0, from the initial weights.
+
+Failures are found by the host: the engine reads each chunk's losses and checks the
+weights once per chunk (one sync, `in_flight = 1`); a chunk that went bad is replayed epoch
+by epoch from a copy of the weights taken before it (the loops are deterministic) to name
+the first epoch whose loss was not finite or whose update made a weight non-finite.
 
 `remat=True` checkpoints the trunk in about sqrt(depth) segments (torch.utils.checkpoint,
 non-reentrant): the backward pass recomputes a segment's activations instead of keeping
@@ -26,32 +32,37 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
+from hetcore.backend import Chunk, EngineOptions, Final
 from hetcore.errors import UsageError
-from hetcore.results import remat_segments
+from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
+from hetcore.settings import Settings
 from torchhet import handgrad
+from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
 from torchhet.model import gaussian_nll
+from torchhet.weights import DTYPES, put, to_state_dict
 
 LOOPS = ALL_LOOPS["torch"]  # named once, in hetcore.settings
 CUDA_ONLY = ("cudagraph", "reduce-overhead")
 WARMUP_STEPS = 3  # CUDA graph capture wants a few steps on a side stream first
 
-# Chosen from scripts/bench.py's figures (README, Performance). CPU: `no-autograd` needs no
-# warm-up and runs an epoch 10-15% faster than `eager` (interleaved in one process, so
-# that the machine's drift cancels), as fast as `compile` within this machine's noise,
-# whose Inductor needs ~5 s (warm cache) to ~20 s (cold) before its first epoch: it
-# finishes first at every length. `optim` pays ~1.5 s on its first use (torch.optim
-# imports torch._dynamo) for no per-epoch gain at 8 parameters. CUDA (chosen by reasoning,
-# not measured here): an epoch is a few dozen tiny kernels, so launch overhead dominates,
-# and one graph replay per epoch, captured in milliseconds, finishes first.
+# Chosen from scripts/bench.py's figures (docs/performance.md). CPU: `no-autograd` needs no
+# warm-up and runs an epoch faster than `eager` (interleaved in one process, so that the
+# machine's drift cancels), as fast as `compile` within the noise, whose Inductor compiles
+# for seconds before its first epoch: it finishes first at every length. `optim` pays about
+# a second on first use (torch.optim imports torch._dynamo) for no per-epoch gain at 8
+# parameters. CUDA (chosen by reasoning, not yet measured): an epoch is a few dozen tiny
+# kernels, so launch overhead dominates, and one graph replay per epoch, captured in
+# milliseconds, finishes first.
 
 
-def default_loop(device_type: str, epochs: int | None = None, remat: bool = False) -> str:
-    """The loop that finishes a run of `epochs` soonest, warm-up included, on this device
-    type (the same at every length on the devices measured; `epochs` mirrors jaxhet);
-    with `remat`, the soonest of those that rematerialise."""
+def default_loop(device_type: str, remat: bool = False) -> str:
+    """The loop that finishes a run soonest, warm-up included, on this device type (the
+    same at every run length on the devices measured); with `remat`, the soonest of those
+    that rematerialise."""
     if device_type == "cuda":
         return "cudagraph"
     if device_type == "cpu" and not remat:
@@ -106,11 +117,6 @@ def _restore(model, saved: list[torch.Tensor]) -> None:
             p.copy_(s)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = False):
     """(runner, warm-up seconds) for `loop`; see the module docstring."""
     if loop not in LOOPS:
@@ -161,7 +167,7 @@ def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = Fal
         saved = _snapshot(model)
         for _ in range(WARMUP_STEPS if graphs else 2):
             step()
-        _sync(device)
+        sync(device)
         _restore(model, saved)
         for p in params:
             p.grad = None
@@ -169,7 +175,7 @@ def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = Fal
     else:  # cudagraph
         step = _capture(model, params, x, y, lr, full, remat)
 
-    _sync(device)
+    sync(device)
     warmup_s = time.perf_counter() - t0
 
     def runner(n: int, losses: torch.Tensor) -> None:
@@ -218,112 +224,83 @@ def _capture(model, params, x, y, lr, full, remat):
     return step
 
 
-# ---- measurement helpers for scripts/bench.py (hetcore.bench) -------------------------
-
-def matmul_seconds(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
-                   ) -> list[float]:
-    """Seconds of each of `repeats` (size x size) @ (size x size) products, after warm-up."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    out = torch.empty(size, size, dtype=dtype, device=device)
-    torch.mm(a, b, out=out)
-    _sync(device)
-    t = time.perf_counter()
-    torch.mm(a, b, out=out)
-    _sync(device)
-    inner = _inner(time.perf_counter() - t)
-    return _timed(lambda: torch.mm(a, b, out=out), device, inner, repeats)
+def _finite(params: list) -> bool:
+    """Whether every weight is finite: one host sync, as the chunk's losses are read."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
-def _inner(once_s: float, target_s: float = 0.05) -> int:
-    """Calls per timed sample so that a sample lasts about `target_s` (short products are
-    otherwise timed as much by the clock and the dispatch as by the work)."""
-    return int(min(1000, max(1, target_s / max(once_s, 1e-7))))
+class TorchEngine:
+    """hetcore.backend.Engine for torch (see the module docstring)."""
 
+    in_flight = 1
 
-def _timed(fn, device, inner: int, repeats: int) -> list[float]:
-    for _ in range(2):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - t) / inner)
-    return times
+    def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
+                 optimizer: dict | None = None, options: EngineOptions = EngineOptions()):
+        if options.unroll != 1:
+            raise UsageError(f"unroll {options.unroll}: torch's loops do not unroll (jax scan "
+                             "does)")
+        # Every loop is plain SGD without momentum: there is no optimiser state to restore.
+        if optimizer:
+            raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
+                             "expected none (plain SGD)")
+        dev = resolve_device(settings.device)
+        self.device, self._dev = describe(dev), dev
+        self.precision, self.full = options.matmul_precision, settings.full
+        self.loop = (default_loop(dev.type, settings.remat) if settings.loop == "auto"
+                     else settings.loop)
+        self.model = put(weights, settings.dtype, dev, settings.width, settings.depth)
+        self.params = list(self.model.parameters())
+        self.x, self.y = to_device(x, dev), to_device(y, dev)
+        with matmul_precision(self.precision):
+            self.runner, self.compile_s = make_runner(self.loop, self.model, self.x, self.y,
+                                                      settings.lr, settings.full,
+                                                      settings.remat)
+        length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
+        self.losses = torch.empty(length, dtype=DTYPES[settings.dtype], device=dev)
 
+    def launch(self, start: int, count: int):
+        before = [p.detach().clone() for p in self.params]  # to replay a chunk that went bad
+        with matmul_precision(self.precision):
+            self.runner(count, self.losses)  # losses stay on the device until read
+        return start, count, before
 
-def floor_seconds(n: int, width: int, depth: int, dtype: torch.dtype, device: torch.device,
-                  repeats: int = 5) -> list[float]:
-    """One epoch's own matrix products, back to back and nothing else (the matmul floor):
-    per block the forward product, the weight gradient and (but for the first block) the
-    input gradient, in the layouts the epoch uses; the heads' products likewise."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    def read(self, handle) -> Chunk:
+        start, count, before = handle
+        # A copy: on a CPU .numpy() shares the losses' memory, which a replay writes again.
+        chunk = Chunk.from_losses(start, self.losses[:count].cpu().numpy().copy())
+        if chunk.failed is None and _finite(self.params):
+            return chunk
+        # Replay the chunk epoch by epoch (deterministic) to name what failed first: a
+        # non-finite loss, or an update that made the weights non-finite while its loss was
+        # finite (the next loss is then nan).
+        bad = None if chunk.failed is None else chunk.failed - start
+        with torch.no_grad():
+            for p, b in zip(self.params, before):
+                p.copy_(b)
+        with matmul_precision(self.precision):
+            for i in range(count if bad is None else bad + 1):
+                self.runner(1, self.losses)
+                if not np.isfinite(chunk.losses[i]):
+                    break
+                if not _finite(self.params):
+                    return Chunk(chunk.losses, start + i, update_failed=True)
+        if bad is None:  # the replay stayed finite (a nondeterministic device): the weights
+            # were non-finite by the chunk's end, which is all that is known
+            return Chunk(chunk.losses, start + count - 1, update_failed=True)
+        return chunk
 
-    def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+    def state(self):
+        return to_state_dict(self.model), {}
 
-    x = r(n, 1)
-    hs = [r(n, width) for _ in range(depth)]
-    ws = [r(width, 1)] + [r(width, width) for _ in range(depth - 1)]
-    heads = r(2, width)  # mean and variance heads stacked
-    gh = r(n, 2)  # the loss's gradient at the two heads' outputs
+    def wait(self) -> None:
+        sync(self._dev)
 
-    def once():
-        h = x
-        for w, out in zip(ws, hs):
-            torch.mm(h, w.t(), out=out)  # (n, width)
-            h = out
-        outs = [h @ heads.t(), gh.t() @ h]  # heads: forward, weight gradient
-        dh = gh @ heads  # heads: input gradient (n, width)
-        for k in range(depth - 1, -1, -1):
-            inp = x if k == 0 else hs[k - 1]
-            outs.append(dh.t() @ inp)  # weight gradient (width, in)
-            if k > 0:
-                dh = dh @ ws[k]  # input gradient (n, width)
-        return outs
-
-    once()
-    _sync(device)
-    t = time.perf_counter()
-    once()
-    _sync(device)
-    return _timed(once, device, _inner(time.perf_counter() - t), repeats)
-
-
-def activation_bytes(model, x, y, full: bool, remat: bool = False, loop: str = "eager") -> int:
-    """Bytes that the backward pass of one epoch keeps: autograd's saved tensors (distinct
-    storages, parameters and inputs excluded), or `no-autograd`'s own buffers."""
-    if loop == "no-autograd":
-        return handgrad.activation_bytes(model, x)
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    own |= {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward_loss(model, x, y, full, remat)
-    total = sum(seen.values())
-    del loss
-    model.zero_grad(set_to_none=True)
-    return total
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_bytes(device: torch.device) -> int | None:
-    """The caching allocator's peak since reset_peak (CUDA); None where there is none."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
+    def finish(self) -> Final:
+        # The loop's own buffers (no-autograd keeps depth + 1 (N, width) blocks, CUDA graphs
+        # a pool) go before the final forward pass allocates its own: not both at the peak.
+        self.runner = None
+        with torch.no_grad(), matmul_precision(self.precision):
+            mu, var = self.model(self.x)
+            loss = gaussian_nll(mu, var, self.y, self.full)
+        return Final(to_state_dict(self.model), mu[:, 0].cpu().numpy(),
+                     var[:, 0].cpu().numpy(), float(loss))

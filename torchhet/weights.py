@@ -10,6 +10,10 @@ import numpy as np
 import torch
 
 from hetcore.errors import UsageError
+from hetcore.interchange import architecture
+from torchhet.model import HeteroscedasticMLP
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def to_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -35,3 +39,14 @@ def from_state_dict(state: dict, model: torch.nn.Module) -> torch.nn.Module:
     tensors = {n: torch.from_numpy(np.array(state[n], copy=True)).to(own[n].dtype) for n in own}
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def put(state: dict, dtype: str, device: torch.device, width: int | None = None,
+        depth: int | None = None) -> HeteroscedasticMLP:
+    """A state dict as a model of `width` and `depth` (default: the state's own) in `dtype`
+    on `device`; a tensor that does not fit is a UsageError naming it."""
+    if width is None or depth is None:
+        width, depth = architecture(state)
+    model = HeteroscedasticMLP(width, depth, dtype=DTYPES[dtype])
+    from_state_dict({n: np.asarray(a, dtype=dtype) for n, a in state.items()}, model)
+    return model.to(device)
