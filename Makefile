@@ -1,13 +1,14 @@
-# One-line commands over a virtual environment created once in .venv (SPEC section 0).
+# One-line commands over a virtual environment created once in .venv.
 #   make train            the lecture preset in JAX; extra options: make train ARGS="--framework both"
-#   make test             the whole test suite
+#   make test             the whole test suite (what CI runs)
+#   make test-fast        the suite without the tests marked slow: the inner loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: setup train test parity clean
+.PHONY: setup train test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,15 +1,13 @@
-"""The parity command (`python scripts/parity.py`): verify jaxhet against torchhet.
+"""The parity command (`python scripts/parity.py`, `jaxhet-parity`): verify jaxhet against
+torchhet.
 
 For each dtype asked for, from one set of data and initial weights shared by both
 frameworks, it compares: the interchange file's round trip; forward outputs, loss and every
 gradient; one SGD step; the whole run's loss per epoch, final weights and the fitted band
-on a dense grid, the last three against the one-ulp floor (hetcore.parity); and, in
+on a dense grid, the last three against the one-ulp floor (hetcore.criteria); and, in
 float32, each run's distance from the float64 reference. It prints a table, writes
 `parity.json` and `parity.png`/`.svg` into `--out`, and exits 0 when every check passes,
 1 when one fails, 2 on bad usage or bad input (nothing written then).
-
-Frameworks are imported only here, through hetcore.cli.load_framework: hetcore itself
-imports neither.
 """
 
 from __future__ import annotations
@@ -23,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetcore import cli, data, interchange, outputs, parity
-from hetcore.errors import TrainingDiverged, UsageError
-from hetcore.settings import DEVICES, PRESETS, Settings
+from hetapps import options, registry
+from hetcore import criteria, data, driver, figures, interchange, outputs
+from hetcore.errors import UsageError
+from hetcore.settings import Settings
 
 FRAMEWORKS = ("jax", "torch")
 INITS = ("torch", "jax")
@@ -35,35 +34,18 @@ DEFAULT_GRID_POINTS = 1001
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = options.Parser(
         prog="parity.py",
         description="Verify that jaxhet and torchhet agree from the same data and initial "
         "weights: forward, loss, gradients, one SGD step, the whole run and the fitted "
         "band, in float32 and float64. Exit 0: all checks pass; 1: a check failed; 2: bad "
         "usage or input.",
     )
-    d = Settings()
-    p.add_argument("--device", choices=DEVICES, default=d.device,
-                   help="device of both frameworks (auto: the best present)")
-    p.add_argument("--preset", choices=PRESETS, default=d.preset,
-                   help="lecture: the lecture's data and initial weights where the other "
-                   "options leave them as in the lecture; none: drawn from --seed")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n-points", type=int, default=d.n_points)
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--depth", type=int, default=d.depth)
+    options.add_settings(p, exclude=("framework", "dtype", "checkpoint_every"))
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="both",
                    help="both (default): float32 and float64; the float64 runs then start "
                    "from the float32 data and weights cast exactly, so that they are the "
                    "float32 runs' reference")
-    p.add_argument("--full", action="store_true", help="add 0.5*log(2*pi) to the loss")
-    p.add_argument("--data", metavar="PATH",
-                   help=".npz with arrays x and y, or .csv with header x,y")
-    p.add_argument("--init-from", metavar="PATH",
-                   help="initial weights (safetensors interchange file); with --dtype both "
-                   "either dtype is accepted and cast")
     p.add_argument("--init", choices=INITS, default="torch",
                    help="which framework draws the initial weights when neither the preset nor "
                    "--init-from gives them (default torch)")
@@ -97,7 +79,7 @@ def _file_weights(path: str, width: int, depth: int) -> tuple[dict, str]:
     dtypes = sorted({str(a.dtype) for a in state.values()})
     label = f"--init-from {path}"
     for name, a in state.items():
-        if str(a.dtype) not in parity.DTYPES:
+        if str(a.dtype) not in criteria.DTYPES:
             raise UsageError(f"{label}: tensor '{name}' is {a.dtype}, expected float32 or float64")
     if len(dtypes) > 1:
         raise UsageError(f"{label}: tensors mix dtypes {', '.join(dtypes)}")
@@ -115,25 +97,20 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
         raise UsageError(f"--floor-runs: must be at least 1, got {args.floor_runs}")
     if args.grid_points < 2:
         raise UsageError(f"--grid-points: must be at least 2, got {args.grid_points}")
-    base = Settings(
-        framework="both", device=args.device, preset=args.preset, epochs=args.epochs,
-        lr=args.lr, seed=args.seed, n_points=args.n_points, width=args.width,
-        depth=args.depth, dtype=dtypes[0], full=args.full, data=args.data,
-        init_from=args.init_from,
-    )
-    modules = modules or {n: cli.load_framework(n) for n in FRAMEWORKS}
+    base = options.settings(args, framework="both", dtype=dtypes[0])
+    modules = modules or {n: registry.backend(n) for n in FRAMEWORKS}
     for m in modules.values():
-        m.resolve_device(args.device)  # unavailable device: usage error, before any work
+        m.resolve_device(base.device)  # unavailable device: usage error, before any work
     dataset = data.for_settings(base)  # checks finiteness in dtypes[0], the narrower one
-    if args.init_from is not None and len(dtypes) > 1:
-        w0, source = _file_weights(args.init_from, args.width, args.depth)
+    if base.init_from is not None and len(dtypes) > 1:
+        w0, source = _file_weights(base.init_from, base.width, base.depth)
     else:
-        w0, source = cli.initial_weights(base, modules[args.init])
+        w0, source = driver.initial_weights(base, modules[args.init])
     x0, y0 = dataset.columns(dtypes[0])
     w0 = interchange.cast(w0, dtypes[0])
     for name, a in w0.items():  # a float64 file may overflow float32
         if not np.isfinite(a).all():
-            raise UsageError(f"--init-from {args.init_from}: tensor '{name}' is not finite "
+            raise UsageError(f"--init-from {base.init_from}: tensor '{name}' is not finite "
                              f"in {dtypes[0]}")
     lo, hi = float(np.min(x0)), float(np.max(x0))
     if hi == lo:
@@ -153,7 +130,7 @@ def _log(quiet: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _roundtrip_check(weights: dict, dtype: str) -> parity.Check:
+def _roundtrip_check(weights: dict, dtype: str) -> criteria.Check:
     """The interchange file reproduces every tensor bit for bit (and its dtype)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w.safetensors")
@@ -164,7 +141,7 @@ def _roundtrip_check(weights: dict, dtype: str) -> parity.Check:
            or back[n].shape != weights[n].shape
            or back[n].tobytes() != np.ascontiguousarray(weights[n]).tobytes()]
     bad += [n for n in back if n not in weights]
-    return parity.Check(
+    return criteria.Check(
         "interchange round trip", dtype, 0.0 if not bad else float("inf"), 0.0, 0.0,
         not bad, "file", f"{len(weights)} tensors" + (f", differs: {bad[0]}" if bad else
                                                       " bit for bit"),
@@ -190,41 +167,41 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
     grid = inp.grid[dtype]
     mods = inp.modules
     dev = s.device
-    one = parity.SINGLE_STEP[dtype]
+    one = criteria.SINGLE_STEP[dtype]
     checks = [_roundtrip_check(w, dtype)]
     t0 = time.perf_counter()
 
     # Single-step quantities.
     _log(quiet, f"[{dtype}] forward, loss, gradients, one SGD step")
     fwd = {n: m.predict(w, x, dev, s.full, y) for n, m in mods.items()}
-    checks.append(parity.check_close("mu", fwd["jax"][0], fwd["torch"][0], one, dtype))
-    checks.append(parity.check_close("var", fwd["jax"][1], fwd["torch"][1], one, dtype))
-    checks.append(parity.check_close("loss", fwd["jax"][2], fwd["torch"][2], one, dtype))
+    checks.append(criteria.check_close("mu", fwd["jax"][0], fwd["torch"][0], one, dtype))
+    checks.append(criteria.check_close("var", fwd["jax"][1], fwd["torch"][1], one, dtype))
+    checks.append(criteria.check_close("loss", fwd["jax"][2], fwd["torch"][2], one, dtype))
     lg = {n: m.loss_and_grad(w, x, y, dev, s.full) for n, m in mods.items()}
-    checks.append(parity.check_close("loss (from loss_and_grad)", lg["jax"][0], lg["torch"][0],
+    checks.append(criteria.check_close("loss (from loss_and_grad)", lg["jax"][0], lg["torch"][0],
                                      one, dtype))
-    checks += parity.check_states("grad", lg["jax"][1], lg["torch"][1], one, dtype)
-    step = {n: m.train(s.replace(epochs=1), x, y, w) for n, m in mods.items()}
-    checks += parity.check_states("one SGD step", step["jax"].weights, step["torch"].weights,
+    checks += criteria.check_states("grad", lg["jax"][1], lg["torch"][1], one, dtype)
+    step = {n: driver.train(m, s.replace(epochs=1), x, y, w) for n, m in mods.items()}
+    checks += criteria.check_states("one SGD step", step["jax"].weights, step["torch"].weights,
                                   one, dtype)
 
     # The whole run and its one-ulp twins.
     runs, twins = {}, {n: [] for n in mods}
     for n, m in mods.items():
         _log(quiet, f"[{dtype}] {n}: {s.epochs} epochs, then {floor_runs} one-ulp twin(s)")
-        runs[n] = m.train(s, x, y, w)
+        runs[n] = driver.train(m, s, x, y, w)
         for k in range(floor_runs):
-            twins[n].append(m.train(s, x, y, parity.ulp_perturb(w, seed=k)))
-    floor_gaps = [parity.gap(runs[n].loss_history, t.loss_history)
+            twins[n].append(driver.train(m, s, x, y, criteria.ulp_perturb(w, seed=k)))
+    floor_gaps = [criteria.gap(runs[n].loss_history, t.loss_history)
                   for n in mods for t in twins[n]]
-    fixed = parity.FLOAT64_TRAJECTORY.tol if dtype == "float64" else 0.0
-    loss_check, curves = parity.floor_check(
+    fixed = criteria.FLOAT64_TRAJECTORY.tol if dtype == "float64" else 0.0
+    loss_check, curves = criteria.floor_check(
         "loss per epoch", runs["jax"].loss_history, runs["torch"].loss_history, floor_gaps,
         dtype, fixed=fixed)
-    checks += parity.phase_checks(loss_check, curves)
+    checks += criteria.phase_checks(loss_check, curves)
     for name in runs["jax"].weights:
         pairs = [(runs[n].weights[name], t.weights[name]) for n in mods for t in twins[n]]
-        checks.append(parity.final_floor_check(
+        checks.append(criteria.final_floor_check(
             f"final {name}", runs["jax"].weights[name], runs["torch"].weights[name], pairs,
             dtype, fixed=fixed))
     band = {n: _grid_predictions(m, runs[n].weights, grid, dev) for n, m in mods.items()}
@@ -232,7 +209,7 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
                  for n, m in mods.items()}
     for i, q in ((0, "mu"), (1, "sigma")):
         pairs = [(band[n][i], tb[i]) for n in mods for tb in twin_band[n]]
-        checks.append(parity.final_floor_check(
+        checks.append(criteria.final_floor_check(
             f"{q} on the grid ({grid.shape[0]} points)", band["jax"][i], band["torch"][i],
             pairs, dtype, fixed=fixed))
 
@@ -241,20 +218,20 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
         ref = np.asarray(reference["curves"]["loss_torch"], np.float64)
         all_twins = [t.loss_history for n in mods for t in twins[n]]
         for n, other in (("jax", "torch"), ("torch", "jax")):
-            c, rc = parity.reference_check(n, runs[n].loss_history,
+            c, rc = criteria.reference_check(n, runs[n].loss_history,
                                            [runs[other].loss_history] + all_twins, ref, dtype,
                                            own_twins=[t.loss_history for t in twins[n]])
-            checks += parity.phase_checks(c, rc)
+            checks += criteria.phase_checks(c, rc)
             ref_curves[f"distance_{n}"] = rc["distance"]
-        ref_curves["distance_twins"] = [parity.gap(t, ref) for t in all_twins]
+        ref_curves["distance_twins"] = [criteria.gap(t, ref) for t in all_twins]
 
     return {
         "dtype": dtype,
-        "pass": not parity.failures(checks),
+        "pass": not criteria.failures(checks),
         "checks": checks,
         "seconds": time.perf_counter() - t0,
         "loss_check": loss_check,
-        "compare": parity.compare(runs["jax"], runs["torch"]),
+        "compare": criteria.compare(runs["jax"], runs["torch"]),
         "devices": {n: r.device for n, r in runs.items()},
         "loops": {n: r.loop for n, r in runs.items()},
         "curves": {
@@ -275,7 +252,7 @@ def _reference_run(inp: Inputs, quiet: bool) -> dict:
     x, y = (a.astype("float64") for a in inp.xy["float32"])
     w = interchange.cast(inp.weights["float32"], "float64")
     _log(quiet, "[float64] torch reference run")
-    r = inp.modules["torch"].train(s, x, y, w)
+    r = driver.train(inp.modules["torch"], s, x, y, w)
     return {"curves": {"loss_torch": r.loss_history}}
 
 
@@ -310,15 +287,9 @@ def table(sections: dict) -> str:
     return "\n".join(lines)
 
 
-def _curve_json(v):
-    if isinstance(v, list):
-        return [_curve_json(a) for a in v]
-    return [float(a) for a in np.asarray(v, np.float64)]
-
-
 def report(inp: Inputs, sections: dict, floor_runs: int) -> dict:
     """parity.json: settings, sources, bounds and their reasons, every check, the curves."""
-    return parity._jsonable({
+    return outputs.jsonable({
         "pass": all(sec["pass"] for sec in sections.values()),
         "settings": {dt: s.to_dict() for dt, s in inp.settings.items()},
         "data_source": inp.dataset.source,
@@ -326,13 +297,13 @@ def report(inp: Inputs, sections: dict, floor_runs: int) -> dict:
         "floor_runs_per_framework": floor_runs,
         "bounds": {
             "single_step": {dt: {"tol": b.tol, "reason": b.reason}
-                            for dt, b in parity.SINGLE_STEP.items()},
-            "float64_trajectory": {"tol": parity.FLOAT64_TRAJECTORY.tol,
-                                   "reason": parity.FLOAT64_TRAJECTORY.reason},
-            "floor_factor": {"value": parity.FLOOR_FACTOR, "reason": parity.FLOOR_FACTOR_REASON},
-            "floor_lag_epochs": {"value": parity.FLOOR_LAG, "reason": parity.FLOOR_LAG_REASON},
-            "decorrelated": {"value": parity.DECORRELATED, "reason": parity.DECORRELATED_REASON},
-            "rounding_ulps": {"value": parity.ROUNDING_ULPS, "reason": parity.ROUNDING_REASON},
+                            for dt, b in criteria.SINGLE_STEP.items()},
+            "float64_trajectory": {"tol": criteria.FLOAT64_TRAJECTORY.tol,
+                                   "reason": criteria.FLOAT64_TRAJECTORY.reason},
+            "floor_factor": {"value": criteria.FLOOR_FACTOR, "reason": criteria.FLOOR_FACTOR_REASON},
+            "floor_lag_epochs": {"value": criteria.FLOOR_LAG, "reason": criteria.FLOOR_LAG_REASON},
+            "decorrelated": {"value": criteria.DECORRELATED, "reason": criteria.DECORRELATED_REASON},
+            "rounding_ulps": {"value": criteria.ROUNDING_ULPS, "reason": criteria.ROUNDING_REASON},
         },
         "dtypes": {
             dt: {
@@ -344,8 +315,8 @@ def report(inp: Inputs, sections: dict, floor_runs: int) -> dict:
                 "failed": [c.message() for c in sec["checks"] if not c.ok],
                 "loss_per_epoch": sec["loss_check"].to_dict(),
                 "compare": sec["compare"],
-                "curves": {k: _curve_json(v) for k, v in sec["curves"].items()},
-                "grid": {k: _curve_json(v) for k, v in sec["grid"].items()},
+                "curves": sec["curves"],
+                "grid": sec["grid"],
             }
             for dt, sec in sections.items()
         },
@@ -354,8 +325,6 @@ def report(inp: Inputs, sections: dict, floor_runs: int) -> dict:
 
 def figure(sections: dict):
     """One row per dtype: loss curves, gap per epoch with the one-ulp floor, both bands."""
-    from hetcore import figures
-
     rows = list(sections.values())
     fig, axes = figures.plt.subplots(len(rows), 3, figsize=(16, 4.6 * len(rows)), dpi=110,
                                      squeeze=False)
@@ -383,14 +352,12 @@ def run(args: argparse.Namespace) -> int:
     sections = verify(inp, args.floor_runs, args.quiet)
     rep = report(inp, sections, args.floor_runs)
     fig = figure(sections)
-    from hetcore import figures
-
     with outputs.staged(out) as stage:
         outputs.write_json(os.path.join(stage, "parity.json"), rep)
         figures.save(fig, os.path.join(stage, "parity"))
     print(table(sections))
     for sec in sections.values():
-        for c in parity.failures(sec["checks"]):
+        for c in criteria.failures(sec["checks"]):
             print("FAIL " + c.message())
         info = sec["loss_check"].info
         phase = ("the one-ulp twins stay correlated throughout" if info["decorrelated_from"] is None
@@ -404,9 +371,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 with "parity.py: error: ..." on bad usage
-    try:
-        return run(args)
-    except (UsageError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return options.main(build_parser(), run, argv)

@@ -1,7 +1,7 @@
 """Benchmark every training loop of jaxhet and torchhet: `python scripts/bench.py [options]`.
 
 Writes bench.json, bench.txt and bench.{png,svg} (or, with --sweep, sweep.json and
-sweep.{png,svg}) under --out; see README, Performance, and hetcore/bench.py.
+sweep.{png,svg}) under --out; see docs/performance.md and hetapps/bench/.
 """
 
 import os
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hetcore.bench import main  # noqa: E402
+from hetapps.bench.command import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

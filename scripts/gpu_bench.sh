@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # The benchmark, the train command's own timings, the scaling sweep and the parity suite on
-# a GPU (an H100 or H200), from a working tree with no network and nothing installed by us:
+# a GPU (an H100 or H200), from a working tree, with no network and nothing to install:
 #
 #   OUT=/some/dir bash scripts/gpu_bench.sh        # default OUT: runs/gpu-bench
 #
 # Needs python with jax (CUDA), flax, optax, torch (CUDA), numpy, safetensors, matplotlib.
 # Writes $OUT/gpu-bench.tgz holding env.txt (nvidia-smi, versions), bench/ (bench.json,
 # bench.txt, bench.{png,svg}: every loop on the lecture workload), train/ (the train
-# command at 500 and 1000 epochs: the check the issue describes), sweep/ (sweep.json,
+# command at 500 and 1000 epochs: time per epoch from the difference), sweep/ (sweep.json,
 # sweep.{png,svg}), the GPU parity suite's log, and a log of each step; beside it steps.log
 # and bench.txt. A failing step does not stop the others; the exit status is the first
 # failure's (124: a step ran out of time, even if it had to be killed after ignoring SIGINT
 # for 15 s, or was skipped for lack of it). The parity step needs pytest and hypothesis.
 #
-# A lent machine gives a call 10 minutes and a session 15, start-up included, so:
-# - the archive is rewritten after every step: a call cut short still returns what the
-#   finished steps measured (and the sweep saves sweep.json after every point);
+# Built for a GPU that is had for a few minutes at a time, so that a run cut short still
+# leaves what it measured:
+# - the archive is rewritten after every step (and the sweep saves sweep.json after every
+#   point);
 # - BUDGET_S (default 540) bounds the whole script; each step also has its own cap
-#   (BENCH_S, TRAIN_S each run, SWEEP_S, PARITY_S) and gets at most what the budget has
-#   left; a step with under MIN_STEP_S left is skipped and logged as such;
-# - STEPS picks the steps, in order (default "bench train sweep parity"); two calls on a
-#   warm machine can split them, e.g. STEPS="bench train" then STEPS="sweep parity".
+#   (BENCH_S 240, TRAIN_S 60 each run, SWEEP_S 200, PARITY_S 180) and gets at most what the
+#   budget has left; a step with under MIN_STEP_S (default 20) left is skipped and logged;
+# - STEPS picks the steps, in order (default "bench train sweep parity"); two calls on one
+#   machine can split them, e.g. STEPS="bench train" then STEPS="sweep parity".
+# Only a few files are wanted back from a remote machine, so OUT receives one archive of
+# everything, the step log and the benchmark table.
 #
 # Rehearsal on a machine without a GPU (the test suite runs this): GPU_BENCH_DEVICE=cpu
 # runs the same steps on the CPU; GPU_BENCH_QUICK=1 shrinks every step to seconds.
@@ -31,11 +34,9 @@ QUICK="${GPU_BENCH_QUICK:-0}"
 STEPS="${STEPS:-bench train sweep parity}"
 BUDGET_S="${BUDGET_S:-540}"
 MIN_STEP_S="${MIN_STEP_S:-20}"
-# The device tool brings back at most 8 files from $OUT: work in a scratch directory and
-# leave in $OUT one archive of everything plus the step log and the benchmark table.
 WORK="$(mktemp -d /tmp/gpu-bench.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT  # everything is in the archive by then
-PY="${PYTHON:-python3}"  # the lent machines' python3 is the one holding torch
+PY="${PYTHON:-python3}"  # the python that has jax and torch
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -56,7 +57,7 @@ else
   EPOCHS=(500 1000)
   # Each framework's fastest loop, with and without rematerialisation (on a CPU torch's
   # fastest, no-autograd, has no remat: eager draws that line). On a GPU the benchmark also
-  # times JAX's scan unrolled by 10, to settle jaxhet.loops.UNROLL there (1 from the CPU).
+  # times JAX's scan unrolled by 10, to settle its unroll there (1 from the CPU).
   if [ "$DEVICE" = gpu ]; then
     BENCH_ARGS=(--unroll 1,10)
     SWEEP_VARIANTS=jax:scan,torch:cudagraph

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hetcore.paritycheck import main  # noqa: E402
+from hetapps.parity import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,147 @@
+"""The report: the agreement check that fails a fast wrong variant, the rates against the
+references, the table, the JSON and the figure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CHECK_ATOL = 1e-4  # float32 loss agreement over the first epochs (rounding there: ~1e-7)
+CHECK_EPOCHS = 100  # before the lecture's SGD turns chaotic (docs/numerics.md)
+F64_RTOL = 1e-6  # float64 final losses (the frameworks agree to ~3e-7 over the lecture run)
+DRIFT_WARN = 0.10  # peak before and after the variants further apart: flagged in the table
+
+
+def agreement(rows: list[dict], check_epochs: int, f64: dict | None) -> dict:
+    """Whether every variant trained the same run as the first one."""
+    ok_rows = [r for r in rows if "history" in r]
+    if not ok_rows:
+        return {"ok": False, "reference": None, "failures": ["no variant ran"]}
+    ref = ok_rows[0]
+    failures = []
+    k = min(check_epochs, len(ref["history"]))
+    for r in rows:
+        if "error" in r:
+            failures.append(f"{r['name']}: did not run ({r['error']})")
+            continue
+        gap = float(np.max(np.abs(np.asarray(r["history"][:k], np.float64)
+                                  - np.asarray(ref["history"][:k], np.float64))))
+        r["check"] = {"float32_epochs": k, "float32_max_gap": gap}
+        if not math.isfinite(r["final_loss"]) or not gap <= CHECK_ATOL:
+            failures.append(f"{r['name']}: float32 losses of the first {k} epochs differ from "
+                            f"{ref['name']}'s by up to {gap:.3g} (allowed {CHECK_ATOL:g})")
+        if f64 is not None and r["name"] in f64:
+            r["check"]["float64_final_loss"] = f64[r["name"]]
+            r0 = f64.get(ref["name"])
+            if r0 is None or not abs(f64[r["name"]] - r0) <= F64_RTOL * max(1.0, abs(r0)):
+                failures.append(f"{r['name']}: float64 final loss {f64[r['name']]!r} differs "
+                                f"from {ref['name']}'s {r0!r} (allowed rtol {F64_RTOL:g})")
+    return {"ok": not failures, "reference": ref["name"], "float32_epochs": k,
+            "float32_atol": CHECK_ATOL, "float64_rtol": F64_RTOL if f64 is not None else None,
+            "failures": failures}
+
+
+def fill_rates(rows: list[dict], flops: float, refs: dict) -> None:
+    peak = refs["peak"]["best"]["gflops"]
+    floor_ms = refs["floor"]["best"]["ms"]
+    for r in rows:
+        if "ms_per_epoch" not in r:
+            continue
+        med, best = r["ms_per_epoch"]["median"], r["ms_per_epoch"]["min"]
+        r["gflops"] = flops / (med * 1e-3) / 1e9
+        r["fraction_of_peak"] = r["gflops"] / peak
+        r["fraction_of_peak_best"] = flops / (best * 1e-3) / 1e9 / peak
+        r["floor_over_time"] = floor_ms / med
+
+
+def table(report: dict) -> str:
+    refs = report["references"]
+    pk, fl = refs["peak"], refs["floor"]
+    others = ", ".join(f"{k} {v['gflops']:.1f}" for k, v in pk.items() if k not in ("size", "best"))
+    floors = ", ".join(f"{k} {v['ms']:.3f}" for k, v in fl.items()
+                       if k not in ("best", "matmul_flops"))
+    w = report["workload"]
+    load = report.get("machine_load", {})
+    lines = [
+        f"device: {report['device']['name']} | threads {report['threads']} | "
+        f"precision {report['precision']} | load average {load.get('start')} -> "
+        f"{load.get('end')}",
+        f"workload: N={w['n_points']} width={w['width']} depth={w['depth']} "
+        f"epochs={w['epochs']} chunk={w['chunk_epochs']} | "
+        f"{report['flops_per_epoch'] / 1e6:.1f} MFLOP/epoch ({report['flops_source']})",
+        f"f32 matmul peak ({pk['size']}^3): {pk['best']['gflops']:.1f} GFLOP/s "
+        f"({pk['best']['library']}; {others}) | matmul floor: {fl['best']['ms']:.3f} ms/epoch "
+        f"({fl['best']['library']}; {floors})",
+        *drift_line(refs.get("peak_after")),
+        "",
+        f"{'variant':24s} {'compile s':>9s} {'ms/epoch median [min, max]':>28s} {'GFLOP/s':>8s} "
+        f"{'% peak':>7s} {'floor/t':>7s} {'peak MiB':>9s} {'act MiB':>8s} {'final loss':>11s} "
+        f"{'run s':>7s}",
+    ]
+    for r in report["variants"]:
+        if "error" in r:
+            lines.append(f"{r['name']:24s} failed: {r['error']}")
+            continue
+        m = r["ms_per_epoch"]
+        mem = r.get("peak_bytes")
+        act = r.get("activation_bytes")
+        lines.append(
+            f"{r['name']:24s} {r['compile_s']:9.2f} "
+            f"{m['median']:9.3f} [{m['min']:7.3f}, {m['max']:7.3f}] "
+            f"{r['gflops']:8.1f} {100 * r['fraction_of_peak']:6.1f}% "
+            f"{100 * r['floor_over_time']:6.1f}% "
+            f"{(mem / 2**20 if mem else float('nan')):9.2f} "
+            f"{(act / 2**20 if act is not None else float('nan')):8.2f} "
+            f"{r['final_loss']:11.6f} {r['run_s']:7.2f}")
+    a = report["agreement"]
+    lines.append("")
+    lines.append("agreement: " + ("ok" if a["ok"] else "FAILED") +
+                 f" (float32 first {a['float32_epochs']} epochs within {a['float32_atol']:g} of "
+                 f"{a['reference']}" + (f"; float64 final losses within rtol {a['float64_rtol']:g}"
+                                        if a.get("float64_rtol") else "") + ")")
+    lines += [f"  {f}" for f in a["failures"]]
+    best = report.get("fastest", {})
+    if best:
+        lines.append("fastest run, compile included: " + ", ".join(
+            f"{k} {v['name']} ({v['run_s']:.2f} s)" for k, v in best.items()))
+    return "\n".join(lines)
+
+
+def drift_line(after: dict | None) -> list[str]:
+    if not after:
+        return []
+    line = (f"peak again after the variants: {after['gflops']:.1f} GFLOP/s "
+            f"({100 * after['drift']:+.0f}%)")
+    if abs(after["drift"]) > DRIFT_WARN:
+        line += (" - the machine's speed moved while the variants ran: read every % of "
+                 f"peak as uncertain by about {100 * abs(after['drift']):.0f}%")
+    return [line]
+
+
+def bench_figure(report: dict):
+    from hetcore.figures import plt  # matplotlib, only once there is a figure to draw
+
+    rows = [r for r in report["variants"] if "ms_per_epoch" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    names = [r["name"] for r in rows]
+    colors = ["#2E2585" if r["framework"] == "jax" else "#C2452D" for r in rows]
+    med = np.array([r["ms_per_epoch"]["median"] for r in rows])
+    lo = med - np.array([r["ms_per_epoch"]["min"] for r in rows])
+    hi = np.array([r["ms_per_epoch"]["max"] for r in rows]) - med
+    axes[0].barh(names, med, xerr=[lo, hi], color=colors)
+    axes[0].axvline(report["references"]["floor"]["best"]["ms"], color="k", ls="--",
+                    label="matmul floor")
+    axes[0].set(xlabel="ms per epoch (median, min-max)", title="time per epoch")
+    axes[0].legend()
+    axes[0].invert_yaxis()
+    axes[1].barh(names, [100 * r["fraction_of_peak"] for r in rows], color=colors)
+    axes[1].axvline(100 * report["references"]["floor"]["matmul_flops"]
+                    / (report["references"]["floor"]["best"]["ms"] * 1e-3)
+                    / (report["references"]["peak"]["best"]["gflops"] * 1e9),
+                    color="k", ls="--", label="matmul floor")
+    axes[1].set(xlabel="% of measured f32 matmul peak", title=report["device"]["name"])
+    axes[1].legend()
+    axes[1].invert_yaxis()
+    fig.tight_layout()
+    return fig
