@@ -5,21 +5,16 @@ One command runs it on any device:
     HET_DEVICE=gpu .venv/bin/python -m pytest -q parity_tests      # default: cpu
 
 Full float32 matmul precision is pinned in both frameworks here, as well as inside
-jaxhet/torchhet, so that no test ever compares a TF32 or bf16 product (SPEC section 4).
+jaxhet/torchhet, so that no test ever compares a TF32 or bf16 product.
 """
 
 import os
 
-# torch and the command-line tests' child processes share a GPU with this process's JAX,
-# which would otherwise take 75% of the GPU's memory at its first use.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-import jax  # noqa: E402 - after the allocator setting above
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import jax
+import pytest
+import torch
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fails loudly
 torch.set_float32_matmul_precision("highest")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

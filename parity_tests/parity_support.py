@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import torch
 
-import jaxhet.train as jt
-import torchhet.train as tt
-from hetcore import data, interchange, parity
+import jaxhet.backend as jb
+import torchhet.backend as tb
+from hetcore import criteria, data, driver, interchange
 from hetcore.settings import Settings
 from torchhet.model import HeteroscedasticMLP as TorchMLP
 from torchhet.model import gaussian_nll as torch_nll
@@ -42,9 +42,9 @@ def init_state(init: str, width: int, depth: int, dtype: str, seed: int) -> dict
 @functools.lru_cache(maxsize=None)
 def _init_state(init, width, depth, dtype, seed):
     if init == "torch":
-        return tt.init_weights(width, depth, dtype, seed)
+        return tb.init_weights(width, depth, dtype, seed)
     if init == "flax":
-        return jt.init_weights(width, depth, dtype, seed)
+        return jb.init_weights(width, depth, dtype, seed)
     raise ValueError(init)
 
 
@@ -64,17 +64,17 @@ def jax_eval(state, x, y, device, full=False, eager=False):
     """JAX's mu, var, loss and gradients; eager runs op by op (jax.disable_jit)."""
     if eager:
         with jax.disable_jit():
-            mu, var, loss = jt.predict(state, x, device, full, y)
-            loss_g, grads = jt.loss_and_grad(state, x, y, device, full)
+            mu, var, loss = jb.predict(state, x, device, full, y)
+            loss_g, grads = jb.loss_and_grad(state, x, y, device, full)
     else:
-        mu, var, loss = jt.predict(state, x, device, full, y)
-        loss_g, grads = jt.loss_and_grad(state, x, y, device, full)
+        mu, var, loss = jb.predict(state, x, device, full, y)
+        loss_g, grads = jb.loss_and_grad(state, x, y, device, full)
     return {"mu": mu, "var": var, "loss": loss, "loss_g": loss_g, "grads": grads}
 
 
 def torch_eval(state, x, y, device, full=False):
-    mu, var, loss = tt.predict(state, x, device, full, y)
-    loss_g, grads = tt.loss_and_grad(state, x, y, device, full)
+    mu, var, loss = tb.predict(state, x, device, full, y)
+    loss_g, grads = tb.loss_and_grad(state, x, y, device, full)
     return {"mu": mu, "var": var, "loss": loss, "loss_g": loss_g, "grads": grads}
 
 
@@ -104,7 +104,7 @@ def torch_compiled_eval(state, x, y, device, full=False):
         _compiled_fn = torch.compile(_loss_fn, backend=_counting_backend, fullgraph=True,
                                      dynamic=False)
     dtype = str(np.asarray(x).dtype)
-    dev = tt.resolve_device(device)
+    dev = tb.resolve_device(device)
     width, depth = interchange.architecture(state)
     model = TorchMLP(width, depth, dtype=_TORCH_DTYPES[dtype]).to(dev)
     params = {n: torch.tensor(a, device=dev, requires_grad=True)
@@ -133,10 +133,10 @@ def evaluate(variant: str, state, x, y, device, full=False):
 
 def single_step_checks(a: dict, b: dict, dtype: str, labels=("jax", "torch")) -> list:
     """Forward outputs, loss (both entry points) and every gradient under SINGLE_STEP."""
-    bound = parity.SINGLE_STEP[dtype]
-    checks = [parity.check_close(q, a[q], b[q], bound, dtype, labels)
+    bound = criteria.SINGLE_STEP[dtype]
+    checks = [criteria.check_close(q, a[q], b[q], bound, dtype, labels)
               for q in ("mu", "var", "loss", "loss_g")]
-    return checks + parity.check_states("grad", a["grads"], b["grads"], bound, dtype, labels)
+    return checks + criteria.check_states("grad", a["grads"], b["grads"], bound, dtype, labels)
 
 
 # --- training ------------------------------------------------------------------------------
@@ -156,17 +156,17 @@ def train_pair(s: Settings, x, y, state, twins: int = 0, loops=("auto", "auto"))
     """
     sj = s.replace(framework="jax", loop=loops[0])
     st = s.replace(framework="torch", loop=loops[1])
-    out = {"jax": jt.train(sj, x, y, state), "torch": tt.train(st, x, y, state),
+    out = {"jax": driver.train(jb, sj, x, y, state), "torch": driver.train(tb, st, x, y, state),
            "twins": {"jax": [], "torch": []}}
     for k in range(twins):
-        nudged = parity.ulp_perturb(state, seed=k)
-        out["twins"]["jax"].append(jt.train(sj, x, y, nudged))
-        out["twins"]["torch"].append(tt.train(st, x, y, nudged))
+        nudged = criteria.ulp_perturb(state, seed=k)
+        out["twins"]["jax"].append(driver.train(jb, sj, x, y, nudged))
+        out["twins"]["torch"].append(driver.train(tb, st, x, y, nudged))
     return out
 
 
 def floor_gaps(pair: dict) -> list:
-    return [parity.gap(pair[n].loss_history, t.loss_history)
+    return [criteria.gap(pair[n].loss_history, t.loss_history)
             for n in ("jax", "torch") for t in pair["twins"][n]]
 
 
@@ -184,7 +184,7 @@ def jax_sgd_eager(state, x, y, lr, epochs, device, full=False):
     history = []
     with jax.disable_jit():
         for _ in range(epochs):
-            loss, g = jt.loss_and_grad(state, x, y, device, full)
+            loss, g = jb.loss_and_grad(state, x, y, device, full)
             history.append(loss)
             state = {n: state[n] - lr * g[n] for n in state}
     return np.array(history), state

@@ -1,4 +1,4 @@
-"""The comparison machinery itself (hetcore.parity): messages, ulps, the floor criterion.
+"""The comparison machinery itself (hetcore.criteria): messages, ulps, the floor criterion.
 
 Each test feeds hand-made numbers whose answer is known, so that every assertion can fail.
 """
@@ -8,56 +8,56 @@ import json
 import numpy as np
 import pytest
 
-from hetcore import parity
-from hetcore.results import RunResult
+from hetcore import criteria
+from hetcore.driver import RunResult
 
 
 def test_message_names_tensor_difference_and_place():
     a = np.zeros((3, 4))
     b = a.copy()
     b[2, 1] = 3e-5
-    c = parity.check_close("grad layers.2.weight", a, b, parity.SINGLE_STEP["float32"], "float32")
+    c = criteria.check_close("grad layers.2.weight", a, b, criteria.SINGLE_STEP["float32"], "float32")
     assert not c.ok
     msg = c.message()
     for part in ("grad layers.2.weight", "float32", "3e-05", "index (2, 1)", "FAIL"):
         assert part in msg, (part, msg)
     with pytest.raises(AssertionError, match=r"grad layers\.2\.weight.*index \(2, 1\)"):
-        parity.assert_checks([c])
+        criteria.assert_checks([c])
 
 
 def test_bound_is_absolute_below_one_and_relative_above():
-    bound = parity.SINGLE_STEP["float32"]
-    assert parity.check_close("q", [0.5], [0.5 + 9e-6], bound, "float32").ok
-    assert not parity.check_close("q", [0.5], [0.5 + 2e-5], bound, "float32").ok
-    assert parity.check_close("q", [100.0], [100.0 + 9e-4], bound, "float32").ok
-    assert not parity.check_close("q", [100.0], [100.0 + 2e-3], bound, "float32").ok
+    bound = criteria.SINGLE_STEP["float32"]
+    assert criteria.check_close("q", [0.5], [0.5 + 9e-6], bound, "float32").ok
+    assert not criteria.check_close("q", [0.5], [0.5 + 2e-5], bound, "float32").ok
+    assert criteria.check_close("q", [100.0], [100.0 + 9e-4], bound, "float32").ok
+    assert not criteria.check_close("q", [100.0], [100.0 + 2e-3], bound, "float32").ok
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_values_fail(bad):
-    c = parity.check_close("mu", [1.0, 2.0], [1.0, bad], parity.SINGLE_STEP["float64"], "float64")
+    c = criteria.check_close("mu", [1.0, 2.0], [1.0, bad], criteria.SINGLE_STEP["float64"], "float64")
     assert not c.ok and c.where == "index (1,)"
-    same = parity.check_close("mu", [1.0, bad], [1.0, bad], parity.SINGLE_STEP["float64"],
+    same = criteria.check_close("mu", [1.0, bad], [1.0, bad], criteria.SINGLE_STEP["float64"],
                               "float64")
     assert same.ok
 
 
 def test_missing_tensor_and_shape_mismatch_fail():
-    bound = parity.SINGLE_STEP["float64"]
-    checks = parity.check_states("grad", {"a": np.zeros(2), "b": np.zeros(3)},
+    bound = criteria.SINGLE_STEP["float64"]
+    checks = criteria.check_states("grad", {"a": np.zeros(2), "b": np.zeros(3)},
                                  {"a": np.zeros(2), "b": np.zeros(4)}, bound, "float64")
     assert [c.ok for c in checks] == [True, False]
-    checks = parity.check_states("grad", {"a": np.zeros(2)}, {"a": np.zeros(2), "c": 1.0},
+    checks = criteria.check_states("grad", {"a": np.zeros(2)}, {"a": np.zeros(2), "c": 1.0},
                                  bound, "float64")
-    assert parity.failures(checks)
-    assert "grad c" in parity.failures(checks)[0].message()
+    assert criteria.failures(checks)
+    assert "grad c" in criteria.failures(checks)[0].message()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_ulp_perturb_moves_every_element_by_one_ulp(dtype):
     rng = np.random.default_rng(0)
     state = {"w": rng.standard_normal((50, 7)).astype(dtype), "b": np.zeros(3, dtype)}
-    twin = parity.ulp_perturb(state, seed=1)
+    twin = criteria.ulp_perturb(state, seed=1)
     w, t = state["w"], twin["w"]
     assert t.dtype == w.dtype
     up = t == np.nextafter(w, np.inf)
@@ -65,7 +65,7 @@ def test_ulp_perturb_moves_every_element_by_one_ulp(dtype):
     assert np.all(up ^ down)
     assert 0.3 < up.mean() < 0.7  # both directions
     assert np.array_equal(twin["b"], state["b"])  # zeros stay
-    again = parity.ulp_perturb(state, seed=1)
+    again = criteria.ulp_perturb(state, seed=1)
     assert all(np.array_equal(again[k], twin[k]) for k in state)
 
 
@@ -82,41 +82,41 @@ def curves(epochs=300, onset=200, seed=0):
 def test_floor_check_passes_rounding_twins_and_fails_an_offset():
     loss, g = curves()
     floors = [g(), g()]
-    ok, cur = parity.floor_check("loss", loss, loss + g(), floors, "float32")
+    ok, cur = criteria.floor_check("loss", loss, loss + g(), floors, "float32")
     assert ok.ok, ok.message()
     assert ok.info["decorrelated_from"] is not None
     # a systematic difference of 1e-5 from epoch 0 on: 100x the rounding level
-    bad, _ = parity.floor_check("loss", loss, loss + 1e-5 + g(), floors, "float32")
+    bad, _ = criteria.floor_check("loss", loss, loss + 1e-5 + g(), floors, "float32")
     assert not bad.ok and bad.where == "epoch 0", bad.message()
     # a difference that starts mid-run, before the twins decorrelate
     late = loss + np.where(np.arange(loss.size) >= 120, 1e-4, 0.0)
-    bad, _ = parity.floor_check("loss", loss, late, floors, "float32")
+    bad, _ = criteria.floor_check("loss", loss, late, floors, "float32")
     assert not bad.ok and bad.where == "epoch 120", bad.message()
     # diverging 30 epochs before the twins do
     loss2, g2 = curves(onset=170, seed=1)
-    early, _ = parity.floor_check("loss", loss, loss + g2(), floors, "float32")
+    early, _ = criteria.floor_check("loss", loss, loss + g2(), floors, "float32")
     assert not early.ok, early.message()
 
 
 def test_floor_check_fixed_bound_and_reference_check():
     loss, g = curves(onset=10**6)
     floors = [g()]
-    c, _ = parity.floor_check("loss", loss, loss + 5e-7, floors, "float64", fixed=1e-6)
+    c, _ = criteria.floor_check("loss", loss, loss + 5e-7, floors, "float64", fixed=1e-6)
     assert c.ok  # 5e-7 is far above float64 rounding but within the fixed 1e-6
-    c, _ = parity.floor_check("loss", loss, loss + 5e-7, floors, "float64")
+    c, _ = criteria.floor_check("loss", loss, loss + 5e-7, floors, "float64")
     assert not c.ok
     ref = loss + 1e-9
-    good, _ = parity.reference_check("jax", loss + g(), [loss + g(), loss + g()], ref, "float32")
+    good, _ = criteria.reference_check("jax", loss + g(), [loss + g(), loss + g()], ref, "float32")
     assert good.ok, good.message()
-    bad, _ = parity.reference_check("jax", loss + 3e-5, [loss + g(), loss + g()], ref, "float32")
+    bad, _ = criteria.reference_check("jax", loss + 3e-5, [loss + g(), loss + g()], ref, "float32")
     assert not bad.ok and "jax" in bad.message()
 
 
 def test_final_floor_check():
     a = np.linspace(0.1, 0.5, 11)
     twins = [(a, a + 1e-3), (a, a - 2e-3)]
-    assert parity.final_floor_check("sigma", a, a + 1.5e-2, twins, "float32").ok
-    c = parity.final_floor_check("sigma", a, a + 3e-2, twins, "float32")
+    assert criteria.final_floor_check("sigma", a, a + 1.5e-2, twins, "float32").ok
+    c = criteria.final_floor_check("sigma", a, a + 3e-2, twins, "float32")
     assert not c.ok and "one-ulp floor 0.002" in c.message()
 
 
@@ -125,7 +125,7 @@ def test_compare_keeps_its_keys_and_is_json():
         w = {"layers.0.weight": np.full((2, 1), 0.5 + shift)}
         return RunResult("jax", "cpu", "float64", np.array([1.0, 0.5 + shift]), w, w,
                          np.array([0.1, 0.2]), np.array([1.0, 2.0 + shift]), 0.4, 0.0, 0.0)
-    out = parity.compare(run(0.0), run(1e-3))
+    out = criteria.compare(run(0.0), run(1e-3))
     for key in ("frameworks", "dtype", "epochs", "initial_weights_identical", "loss_history",
                 "final_loss", "mu", "sigma", "weights", "loss_gap_per_epoch"):
         assert key in out
@@ -147,18 +147,18 @@ def test_decorrelated_phase_is_judged_by_its_mean_gap():
         return np.minimum(3e-8 * rng.random(epochs) * growth, 0.01) + np.where(t == 300, 0.1, 0)
 
     floors = [g(), g()]
-    ok, cur = parity.floor_check("loss", loss, loss + g(), floors, "float32")
+    ok, cur = criteria.floor_check("loss", loss, loss + g(), floors, "float32")
     assert ok.ok and "mean_gap" in ok.info, ok.message()
-    rows = parity.phase_checks(ok, cur)
+    rows = criteria.phase_checks(ok, cur)
     assert [r.quantity.split("(")[-1] for r in rows[:2]] == ["twins correlated)",
                                                             "twins decorrelated)"]
     assert rows[-1].quantity.endswith("mean gap") and all(r.ok for r in rows)
     # every epoch of the phase at half the largest excursion: in the per-epoch bound
     # (10x the excursion), but its mean is ~40x the twins'
     far = loss + np.where(t < 200, g(), 0.5)
-    bad, cur = parity.floor_check("loss", loss, far, floors, "float32")
+    bad, cur = criteria.floor_check("loss", loss, far, floors, "float32")
     assert bad.info["per_epoch_ok"] and not bad.ok, bad.message()
-    assert not parity.phase_checks(bad, cur)[-1].ok
+    assert not criteria.phase_checks(bad, cur)[-1].ok
 
 
 def test_reference_check_allows_what_a_one_ulp_nudge_moves_the_run():
@@ -170,7 +170,7 @@ def test_reference_check_allows_what_a_one_ulp_nudge_moves_the_run():
     close = ref + 1e-8
     jump = ref + np.where(epochs >= 78, 2e-6, 1e-8)
     others = [close, close + 1e-8, close - 1e-8]
-    strict, _ = parity.reference_check("torch", jump, others, ref, "float32")
+    strict, _ = criteria.reference_check("torch", jump, others, ref, "float32")
     assert not strict.ok
-    fair, _ = parity.reference_check("torch", jump, others, ref, "float32", own_twins=[close])
+    fair, _ = criteria.reference_check("torch", jump, others, ref, "float32", own_twins=[close])
     assert fair.ok, fair.message()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hetcore import interchange, paritycheck
+from hetapps import parity as parity_command
+from hetcore import interchange
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--preset", "none", "--width", "8", "--depth", "2", "--n-points", "40",
@@ -35,6 +36,7 @@ def user_files(tmp_path, width=8, depth=2, dtype="float32", n=40):
     return str(data), str(path), weights
 
 
+@pytest.mark.slow
 def test_command_end_to_end(tmp_path, device):
     """A subprocess, as a user runs it: exit 0, the table, parity.json, the figure."""
     out = tmp_path / "report"
@@ -65,11 +67,12 @@ def test_command_end_to_end(tmp_path, device):
         assert (out / f"parity.{ext}").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_users_own_data_and_weights(tmp_path, capsys, device, dtype):
     data, weights, state = user_files(tmp_path, dtype=dtype)
     out = tmp_path / "r"
-    rc = paritycheck.main([*SMALL, "--data", data, "--init-from", weights, "--dtype", dtype,
+    rc = parity_command.main([*SMALL, "--data", data, "--init-from", weights, "--dtype", dtype,
                            "--device", device, "--out", str(out)])
     assert rc == 0, capsys.readouterr()
     report = json.loads((out / "parity.json").read_text())
@@ -78,9 +81,10 @@ def test_users_own_data_and_weights(tmp_path, capsys, device, dtype):
     assert list(report["dtypes"]) == [dtype]
 
 
+@pytest.mark.slow
 def test_both_dtypes_accept_a_float64_file(tmp_path, capsys, device):
     data, weights, _ = user_files(tmp_path, dtype="float64")
-    rc = paritycheck.main([*SMALL, "--data", data, "--init-from", weights, "--device", device,
+    rc = parity_command.main([*SMALL, "--data", data, "--init-from", weights, "--device", device,
                            "--epochs", "5", "--out", str(tmp_path / "r")])
     assert rc == 0, capsys.readouterr()
 
@@ -112,7 +116,7 @@ def bad_cases(tmp_path):
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     extra, names = bad_cases(tmp_path)[case]
     out = tmp_path / "out"
-    rc = paritycheck.main([*SMALL, "--seed", "1", "--out", str(out), *extra])
+    rc = parity_command.main([*SMALL, "--seed", "1", "--out", str(out), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error: ") and names in err[0], err
@@ -135,6 +139,6 @@ def test_existing_report_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
     (out / "parity.json").write_text("{}")
-    rc = paritycheck.main([*SMALL, "--seed", "1", "--out", str(out)])
+    rc = parity_command.main([*SMALL, "--seed", "1", "--out", str(out)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "parity.json").read_text() == "{}"

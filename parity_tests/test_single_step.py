@@ -1,7 +1,7 @@
 """Single-step quantities from shared weights: forward outputs, loss, every gradient, one
 SGD step, in float64 and float32, from torch- and Flax-drawn weights, eager and compiled.
 
-Bound (hetcore.parity.SINGLE_STEP, reason stored beside it):
+Bound (hetcore.criteria.SINGLE_STEP, reason stored beside it):
   float64: |jax - torch| <= 1e-12 * max(1, |value|max) per tensor. Rounding of the longest
     sum here (4096 terms) is ~sqrt(n)*u ~ 1e-14; ~10 compounding stages; x10 margin.
     Measured worst over these architectures: 9e-16.
@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import jaxhet.train as jt
-import torchhet.train as tt
-from hetcore import data, interchange, parity
+import jaxhet.backend as jb
+import torchhet.backend as tb
+from hetcore import criteria, data, driver, interchange
 from parity_support import (COMPILES, DTYPES, INITS, dataset, evaluate, init_state,
                             single_step_checks)
 from parity_support import settings as run_settings
@@ -38,6 +38,7 @@ def lecture_inputs(init: str, dtype: str):
     return w, x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lecture_forward_loss_gradients(device, dtype, init):
@@ -47,7 +48,7 @@ def test_lecture_forward_loss_gradients(device, dtype, init):
     checks = []
     for a, b in PAIRS:
         checks += single_step_checks(out[a], out[b], dtype, labels=(a, b))
-    parity.assert_checks(checks)
+    criteria.assert_checks(checks)
     assert dtype in COMPILES["dtypes"], "torch.compile compiled no graph of this dtype"
 
 
@@ -63,9 +64,10 @@ def test_architectures(device, width, depth, n, init, dtype):
     x, y = dataset(n, dtype, seed=n)
     a = evaluate("jax-jit", w, x, y, device)
     b = evaluate("torch-eager", w, x, y, device)
-    parity.assert_checks(single_step_checks(a, b, dtype))
+    criteria.assert_checks(single_step_checks(a, b, dtype))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(width=st.integers(1, 24), depth=st.integers(1, 4), n=st.integers(1, 40),
        seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES),
@@ -82,7 +84,7 @@ def test_property_any_small_model(device, width, depth, n, seed, dtype, init, sc
     x, y = dataset(n, dtype, seed)
     a = evaluate("jax-jit", w, x, y, device)
     b = evaluate("torch-eager", w, x, y, device)
-    parity.assert_checks(single_step_checks(a, b, dtype))
+    criteria.assert_checks(single_step_checks(a, b, dtype))
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -91,16 +93,16 @@ def test_loss_against_torch_gaussian_nll_loss(device, dtype, full):
     """JAX's loss equals torch.nn.GaussianNLLLoss on JAX's own mu and var (its clamp at
     eps = 1e-6 never acts: var >= 1e-6 by construction)."""
     w, x, y = lecture_inputs("flax", dtype)
-    mu, var, loss = jt.predict(w, x, device, full, y)
+    mu, var, loss = jb.predict(w, x, device, full, y)
     ref = torch.nn.GaussianNLLLoss(full=full, eps=1e-6, reduction="mean")(
         torch.tensor(mu), torch.tensor(y), torch.tensor(var))
-    bound = parity.SINGLE_STEP[dtype]
-    checks = [parity.check_close("loss vs GaussianNLLLoss", loss, float(ref), bound, dtype,
+    bound = criteria.SINGLE_STEP[dtype]
+    checks = [criteria.check_close("loss vs GaussianNLLLoss", loss, float(ref), bound, dtype,
                                  ("jax", "GaussianNLLLoss"))]
-    _, _, tloss = tt.predict(w, x, device, full, y)
-    checks.append(parity.check_close("torch loss vs GaussianNLLLoss", tloss, float(ref), bound,
+    _, _, tloss = tb.predict(w, x, device, full, y)
+    checks.append(criteria.check_close("torch loss vs GaussianNLLLoss", tloss, float(ref), bound,
                                      dtype, ("torch", "GaussianNLLLoss")))
-    parity.assert_checks(checks)
+    criteria.assert_checks(checks)
 
 
 @pytest.mark.parametrize("loops,init", [(("scan", "eager"), "torch"), (("step", "optim"), "flax")])
@@ -111,12 +113,12 @@ def test_one_sgd_step(device, dtype, loops, init):
     architecture."""
     w, x, y = lecture_inputs(init, dtype)
     s = run_settings(512, 2, dtype, epochs=1, lr=1e-3, device=device)
-    a = jt.train(s.replace(framework="jax", loop=loops[0]), x, y, w)
-    b = tt.train(s.replace(framework="torch", loop=loops[1]), x, y, w)
-    bound = parity.SINGLE_STEP[dtype]
-    checks = parity.check_states("one SGD step", a.weights, b.weights, bound, dtype)
-    checks.append(parity.check_close("loss of epoch 0", a.loss_history, b.loss_history, bound,
+    a = driver.train(jb, s.replace(framework="jax", loop=loops[0]), x, y, w)
+    b = driver.train(tb, s.replace(framework="torch", loop=loops[1]), x, y, w)
+    bound = criteria.SINGLE_STEP[dtype]
+    checks = criteria.check_states("one SGD step", a.weights, b.weights, bound, dtype)
+    checks.append(criteria.check_close("loss of epoch 0", a.loss_history, b.loss_history, bound,
                                      dtype))
-    checks.append(parity.check_close("loss after the step", a.final_loss, b.final_loss, bound,
+    checks.append(criteria.check_close("loss after the step", a.final_loss, b.final_loss, bound,
                                      dtype))
-    parity.assert_checks(checks)
+    criteria.assert_checks(checks)

@@ -1,6 +1,6 @@
 """N-step trajectories and the fitted band after training, small models, both dtypes.
 
-Trajectories are judged against the one-ulp floor (hetcore.parity.floor_check): the gap
+Trajectories are judged against the one-ulp floor (hetcore.criteria.floor_check): the gap
 between the two frameworks' runs, epoch by epoch, must stay within 10x the gap between a
 framework's run and its twin started one ulp away (5 epochs ahead), and never below 4 ulps
 of the loss. Short, stable runs stay at rounding level, so the bound is tight there:
@@ -10,9 +10,9 @@ float64 ~1e-15, float32 ~1e-6.
 import numpy as np
 import pytest
 
-import jaxhet.train as jt
-import torchhet.train as tt
-from hetcore import parity
+import jaxhet.backend as jb
+import torchhet.backend as tb
+from hetcore import criteria, driver
 from parity_support import (DTYPES, TORCH_BACKEND, dataset, floor_gaps, grid, init_state,
                             jax_sgd_eager, settings, train_pair, twin_pairs)
 
@@ -30,17 +30,18 @@ def test_n_step_trajectory(device, width, depth, n, init, loops, lr, dtype):
     x, y = dataset(n, dtype, seed=width)
     s = settings(width, depth, dtype, epochs=40, lr=lr, device=device)
     pair = train_pair(s, x, y, w, twins=1, loops=loops)
-    check, _ = parity.floor_check("loss per epoch", pair["jax"].loss_history,
+    check, _ = criteria.floor_check("loss per epoch", pair["jax"].loss_history,
                                   pair["torch"].loss_history, floor_gaps(pair), dtype)
     checks = [check]
     for name in w:
-        checks.append(parity.final_floor_check(
+        checks.append(criteria.final_floor_check(
             f"final {name}", pair["jax"].weights[name], pair["torch"].weights[name],
             twin_pairs(pair, lambda r: r.weights[name]), dtype))
-    parity.assert_checks(checks)
+    criteria.assert_checks(checks)
     assert check.info["decorrelated_from"] is None  # a stable run: the tight phase throughout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jax_eager_sgd_matches_torch(device, dtype):
     """Six epochs of SGD written out over JAX's eager loss_and_grad against torch's own
@@ -50,13 +51,13 @@ def test_jax_eager_sgd_matches_torch(device, dtype):
     x, y = dataset(50, dtype, seed=4)
     s = settings(12, 2, dtype, epochs=6, lr=1e-2, device=device, framework="torch", loop="eager")
     history, final = jax_sgd_eager(w, x, y, 1e-2, 6, device)
-    ref = tt.train(s, x, y, w)
-    bound = parity.SINGLE_STEP[dtype]
-    checks = [parity.check_close("loss per epoch", history, ref.loss_history, bound, dtype,
+    ref = driver.train(tb, s, x, y, w)
+    bound = criteria.SINGLE_STEP[dtype]
+    checks = [criteria.check_close("loss per epoch", history, ref.loss_history, bound, dtype,
                                  ("jax-eager", "torch-eager"))]
-    checks += parity.check_states("final", final, ref.weights, bound, dtype,
+    checks += criteria.check_states("final", final, ref.weights, bound, dtype,
                                   ("jax-eager", "torch-eager"))
-    parity.assert_checks(checks)
+    criteria.assert_checks(checks)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -74,18 +75,18 @@ def test_fitted_band_on_a_dense_grid(device, dtype):
         mu, var, _ = module.predict(result.weights, xg, device)
         return np.asarray(mu, np.float64)[:, 0], np.sqrt(np.asarray(var, np.float64)[:, 0])
 
-    mods = {"jax": jt, "torch": tt}
+    mods = {"jax": jb, "torch": tb}
     bands = {n: band(mods[n], pair[n]) for n in mods}
     twins = [(bands[n], band(mods[n], t)) for n in mods for t in pair["twins"][n]]
     checks = []
     for i, q in ((0, "mu"), (1, "sigma")):
-        checks.append(parity.final_floor_check(
+        checks.append(criteria.final_floor_check(
             f"{q} on the grid", bands["jax"][i], bands["torch"][i],
             [(a[i], b[i]) for a, b in twins], dtype))
         if dtype == "float64":
-            checks.append(parity.check_close(f"{q} on the grid (1e-6)", bands["jax"][i],
-                                             bands["torch"][i], parity.FLOAT64_TRAJECTORY, dtype))
-    parity.assert_checks(checks)
+            checks.append(criteria.check_close(f"{q} on the grid (1e-6)", bands["jax"][i],
+                                             bands["torch"][i], criteria.FLOAT64_TRAJECTORY, dtype))
+    criteria.assert_checks(checks)
 
 
 @pytest.mark.skipif(TORCH_BACKEND != "inductor",
@@ -98,9 +99,9 @@ def test_torch_compile_loop_trajectory(device, dtype):
     x, y = dataset(64, dtype, seed=9)
     s = settings(16, 2, dtype, epochs=40, lr=2e-2, device=device)
     pair = train_pair(s, x, y, w, twins=1, loops=("scan", "compile"))
-    check, _ = parity.floor_check("loss per epoch", pair["jax"].loss_history,
+    check, _ = criteria.floor_check("loss per epoch", pair["jax"].loss_history,
                                   pair["torch"].loss_history, floor_gaps(pair), dtype)
-    checks = [check] + [parity.final_floor_check(
+    checks = [check] + [criteria.final_floor_check(
         f"final {name}", pair["jax"].weights[name], pair["torch"].weights[name],
         twin_pairs(pair, lambda r: r.weights[name]), dtype) for name in w]
-    parity.assert_checks(checks)
+    criteria.assert_checks(checks)

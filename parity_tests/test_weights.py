@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 import jaxhet.weights as jw
-from jaxhet.train import enable_dtype
+from jaxhet.device import enable_x64
 import torchhet.weights as tw
 from hetcore import interchange
 from hetcore.errors import UsageError
@@ -36,7 +36,7 @@ def same_bits(a: dict, b: dict) -> list[str]:
 
 
 def flax_params(state: dict, dtype: str):
-    enable_dtype(dtype)  # float64 parameters need JAX's x64 mode
+    enable_x64(dtype)  # float64 parameters need JAX's x64 mode
     width, depth = interchange.architecture(state)
     model = nnx.eval_shape(lambda: JaxMLP(width, depth, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
     return jw.from_state_dict(state, nnx.state(model, nnx.Param))
@@ -146,7 +146,8 @@ def test_one_module_owns_the_mapping():
                     and ("kernel" in node.value or node.value.endswith("weight"))):
                 offenders.append(f"{name}:{node.lineno} {node.value!r}")
     assert offenders == [], offenders
-    import jaxhet.train
+    import jaxhet.backend
+    import jaxhet.engine
 
-    assert jaxhet.train.from_state_dict is jw.from_state_dict
-    assert jaxhet.train.to_state_dict is jw.to_state_dict
+    assert jaxhet.engine.put is jw.put and jaxhet.backend.put is jw.put
+    assert jaxhet.engine.to_state_dict is jw.to_state_dict

@@ -1,16 +1,9 @@
-"""Suite-wide settings: loud shape errors, full-precision products, small shared fixtures."""
+"""Small shared fixtures of tests/ (the settings both suites share: ../conftest.py)."""
 
 import os
 
-# Both frameworks share a GPU where there is one: JAX must not take 75% of it up front.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-import jax  # noqa: E402 - after the allocator setting above
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-# As Equinox's suite does: silent rank broadcasting fails loudly.
-jax.config.update("jax_numpy_rank_promotion", "raise")
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

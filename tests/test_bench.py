@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from hetcore import bench
+from hetapps.bench import command, memory, references, sweep, timing, variants
+from hetapps.bench import report as rep
 from tests.conftest import ROOT
 
 TINY = ["--preset", "none", "--n-points", "40", "--width", "8", "--epochs", "12",
@@ -18,10 +19,11 @@ TINY = ["--preset", "none", "--n-points", "40", "--width", "8", "--epochs", "12"
 
 def _run(tmp_path, *extra, extra_variants=None):
     out = tmp_path / "bench"
-    code = bench.main([*TINY, "--out", str(out), *extra], extra_variants=extra_variants)
+    code = command.main([*TINY, "--out", str(out), *extra], extra_variants=extra_variants)
     return code, out
 
 
+@pytest.mark.slow
 def test_bench_writes_the_documented_report(tmp_path, capsys):
     code, out = _run(tmp_path, "--variants", "jax:scan,torch:eager,torch:optim")
     assert code == 0, capsys.readouterr().err
@@ -31,7 +33,7 @@ def test_bench_writes_the_documented_report(tmp_path, capsys):
         assert key in report, key
     refs = report["references"]
     assert refs["peak"]["best"]["gflops"] > 0 and refs["floor"]["best"]["ms"] > 0
-    assert refs["floor"]["matmul_flops"] == bench.matmul_flops(40, 8, 2)
+    assert refs["floor"]["matmul_flops"] == references.matmul_flops(40, 8, 2)
     after = refs["peak_after"]
     assert after["library"] == refs["peak"]["best"]["library"] and after["gflops"] > 0
     assert after["drift"] == pytest.approx(after["gflops"] / refs["peak"]["best"]["gflops"] - 1)
@@ -52,7 +54,7 @@ def test_bench_writes_the_documented_report(tmp_path, capsys):
             assert key in v, (v["name"], key)
         if v["framework"] == "torch" and measurable:
             assert v["peak_memory_method"].startswith("measured: the process's resident peak")
-        assert v["check"]["float32_max_gap"] <= bench.CHECK_ATOL
+        assert v["check"]["float32_max_gap"] <= rep.CHECK_ATOL
         assert "float64_final_loss" in v["check"]
     assert report["agreement"]["ok"] and report["agreement"]["failures"] == []
     assert set(report["fastest"]) == {"jax", "torch"}
@@ -61,29 +63,32 @@ def test_bench_writes_the_documented_report(tmp_path, capsys):
     assert "agreement: ok" in (out / "bench.txt").read_text()
 
 
+@pytest.mark.slow
 def test_unroll_list_times_scan_at_each(tmp_path, capsys):
-    from jaxhet import loops
+    from jaxhet import engine
 
+    engine._compiled.clear()
     code, out = _run(tmp_path, "--variants", "jax:scan,jax:step", "--unroll", "1,3",
                      "--check", "float32")
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "bench.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["jax:scan", "jax:scan+unroll3", "jax:step"]
-    # the variant ran (and its memory was planned) with its own unroll; the default is back
-    assert any(k[0] == "scan" and k[5] == 3 for k in loops._compiled)
-    assert loops.UNROLL == 1 and report["agreement"]["ok"]
+    # each scan variant ran (and its memory was planned) with its own unroll
+    assert {k[5] for k in engine._compiled if k[0] == "scan"} == {1, 3}
+    assert report["agreement"]["ok"]
 
 
 def _broken(scale):
     """A torch variant that is wrong in a way speed would not show: a scaled learning rate."""
 
     def trial(w, x, y, lr, full, epochs, chunk):
-        return bench.via_train("torch", "optim", "cpu")(w, x, y, lr * scale, full, epochs,
-                                                         chunk)
+        fw = variants.Framework.load("torch", "cpu")
+        return variants.trial(fw, "optim")(w, x, y, lr * scale, full, epochs, chunk)
 
     return trial
 
 
+@pytest.mark.slow
 def test_a_fast_wrong_variant_fails_the_benchmark(tmp_path, capsys):
     code, out = _run(tmp_path, "--variants", "jax:scan,torch:eager",
                      extra_variants={"broken": _broken(1.5)})
@@ -95,6 +100,7 @@ def test_a_fast_wrong_variant_fails_the_benchmark(tmp_path, capsys):
     assert all("broken" in f for f in report["agreement"]["failures"])
 
 
+@pytest.mark.slow
 def test_the_same_variant_injected_agrees(tmp_path):
     # The check is not simply "anything injected fails".
     code, _ = _run(tmp_path, "--variants", "torch:eager", "--check", "float32",
@@ -122,10 +128,11 @@ def test_bad_options_exit_2_with_one_line(argv, needle, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
 
 
+@pytest.mark.slow
 def test_sweep_on_a_tiny_grid(tmp_path, capsys):
     out = tmp_path / "sweep"
     # 5e8 points: skipped by the time or the memory estimate on any machine.
-    code = bench.main(["--sweep", "--points", "30,60,500000000", "--widths", "4", "--repeats", "2",
+    code = command.main(["--sweep", "--points", "30,60,500000000", "--widths", "4", "--repeats", "2",
                        "--variants", "jax:scan,torch:eager", "--remat", "--peak-size", "64",
                        "--max-epoch-s", "0.05", "--repeat-seconds", "0.01",
                        "--out", str(out)])
@@ -157,7 +164,7 @@ def test_sweep_on_a_tiny_grid(tmp_path, capsys):
 def test_a_sweep_cut_short_keeps_its_points(tmp_path, monkeypatch, capsys):
     # The second timed point fails hard (as a kill by a time limit would end the run):
     # sweep.json on disk still holds the first point, marked incomplete.
-    real = bench._time_variants
+    real = sweep.time_variants
     calls = []
 
     def dies_on_second(*args, **kwargs):
@@ -166,10 +173,10 @@ def test_a_sweep_cut_short_keeps_its_points(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "_time_variants", dies_on_second)
+    monkeypatch.setattr(sweep, "time_variants", dies_on_second)
     out = tmp_path / "sweep"
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--sweep", "--points", "30,60", "--widths", "4", "--repeats", "2",
+        command.main(["--sweep", "--points", "30,60", "--widths", "4", "--repeats", "2",
                     "--variants", "jax:scan", "--peak-size", "64", "--repeat-seconds", "0.01",
                     "--out", str(out)])
     report = json.loads((out / "sweep.json").read_text())
@@ -182,18 +189,18 @@ def test_a_sweep_cut_short_keeps_its_points(tmp_path, monkeypatch, capsys):
 def test_largest_points_is_the_line_through_the_peaks():
     rows = [{"name": "v", "width": 4, "n_points": n, "peak_bytes": 1000 + 10 * n}
             for n in (10, 20, 40)]
-    (r,) = bench.largest_points(rows, budget=2000)
+    (r,) = sweep.largest_points(rows, budget=2000)
     assert r["bytes_per_point"] == pytest.approx(10)
     assert r["largest_n_points"] == 100
     assert np.isclose(r["fixed_bytes"], 1000)
 
 
 def test_a_drifting_peak_is_flagged_in_the_table():
-    steady = bench._drift_line({"gflops": 100.0, "drift": 0.05})
-    moved = bench._drift_line({"gflops": 70.0, "drift": -0.3})
+    steady = rep.drift_line({"gflops": 100.0, "drift": 0.05})
+    moved = rep.drift_line({"gflops": 70.0, "drift": -0.3})
     assert len(steady) == 1 and "uncertain" not in steady[0] and "+5%" in steady[0]
     assert "-30%" in moved[0] and "uncertain by about 30%" in moved[0]
-    assert bench._drift_line(None) == []
+    assert rep.drift_line(None) == []
 
 
 @pytest.mark.parametrize("loop,blocks", [("eager", 2), ("no-autograd", 1)])
@@ -210,10 +217,11 @@ def test_torch_cpu_memory_estimate_where_nothing_can_be_measured(loop, blocks, m
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(bench.hostmem, "ResidentPeak", Unmeasurable)
+    monkeypatch.setattr(memory.hostmem, "ResidentPeak", Unmeasurable)
     n, width = 50, 8
-    x, y, w, _ = bench.workload("none", n, width, 2, 0)
-    out = bench._Torch("cpu", None, tf32=False).variant(loop).memory(w, x, y, 1e-3, False, 5, 3)
+    x, y, w, _ = references.synthetic_workload(n, width, 2)
+    v = variants.variant(variants.Framework.load("torch", "cpu"), loop)
+    out = memory.variant_memory(v, w, x, y, 1e-3, False, 5, 3)
     params = sum(a.size for a in w.values()) * 4
     held = 2 * params + 2 * n * 4 + out["activation_bytes"]
     assert out["peak_bytes"] == held + blocks * n * width * 4
@@ -226,38 +234,62 @@ def test_repeats_alternate_between_the_frameworks(monkeypatch):
     # a run falls on both alike; the framework changes with a pause, not between variants
     # of one framework.
     calls, pauses = [], []
-    monkeypatch.setattr(bench.time, "sleep", lambda s: pauses.append((len(calls), s)))
-    monkeypatch.setattr(bench, "_last_framework", [None])
+    monkeypatch.setattr(timing.time, "sleep", lambda s: pauses.append((len(calls), s)))
 
     def variant(name, fw):
         def trial(*args):
-            def run():
+            def repeat():
                 calls.append(name)
                 return 1.0, np.zeros(3), 0.0
 
-            return 0.0, run
+            return 0.0, repeat
 
-        return bench.Variant(name, fw, name, trial)
+        return variants.Variant(name, fw, name, trial)
 
     vs = [variant("a", "jax"), variant("b", "jax"), variant("c", "torch")]
-    rows = bench._time_variants(vs, None, None, None, 0.1, False, 3, 3, 3, lambda m: None)
+    rows = timing.time_variants(vs, None, None, None, 0.1, False, 3, 3, 3, lambda m: None)
     assert calls == ["a", "b", "c"] * 3
     assert [at for at, _ in pauses] == [2, 3, 5, 6, 8]  # at each change of framework
     assert all(len(r["seconds"]) == 3 for r in rows)
 
 
-def test_the_tf32_option_leaves_torchs_precision_as_it_was():
-    # The labelled TF32 runs set torchhet's precision for themselves only: the peaks
-    # measured around them stay true float32.
+def test_the_tf32_option_is_the_runs_own(monkeypatch, small_state, small_data):
+    # The labelled TF32 option sets each framework's matmul precision for its own run
+    # only: torch's process-wide setting is back after it (so the peaks measured around it
+    # stay true float32), and JAX's layers take Precision.DEFAULT instead of HIGHEST.
+    import jax
     import torch
+    from flax import nnx
 
-    import torchhet.train
+    import jaxhet.backend as jb
+    import torchhet.backend as tb
+    import torchhet.engine
+    from hetcore import driver
+    from hetcore.backend import EngineOptions
+    from hetcore.settings import Settings
 
-    fw = bench._Torch("cpu", None, tf32=True)
+    seen, real = [], torchhet.engine.make_runner
+
+    def make_runner(*args, **kwargs):
+        runner, warm = real(*args, **kwargs)
+
+        def recorded(n, losses):
+            seen.append(torch.get_float32_matmul_precision())
+            runner(n, losses)
+
+        return recorded, warm
+
+    monkeypatch.setattr(torchhet.engine, "make_runner", make_runner)
+    state, (x, y) = small_state(width=4, depth=1), small_data(n=10)
+    s = Settings(framework="torch", device="cpu", preset="none", width=4, depth=1, epochs=4,
+                 chunk_epochs=2)
     torch.set_float32_matmul_precision("highest")
-    with fw._knob()():
-        torchhet.train.enable_dtype("float32")
-        assert torch.get_float32_matmul_precision() == "high"
-    assert torch.get_float32_matmul_precision() == "highest"
-    assert torchhet.train.MATMUL_PRECISION == "highest"
-    assert bench._Torch("cpu", None, tf32=False)._knob() is None
+    tf32 = EngineOptions(matmul_precision="tf32")
+    driver.train(tb, s, x, y, state, options=tf32)
+    assert seen == ["high", "high"] and torch.get_float32_matmul_precision() == "highest"
+    driver.train(tb, s, x, y, state)
+    assert seen[2:] == ["highest", "highest"]
+    for options, precision in ((tf32, jax.lax.Precision.DEFAULT),
+                               (EngineOptions(), jax.lax.Precision.HIGHEST)):
+        engine = jb.engine(s.replace(framework="jax", loop="auto"), x, y, state, None, options)
+        assert nnx.merge(engine.graphdef, engine.carry[0]).mean_head.precision == precision

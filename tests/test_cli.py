@@ -1,4 +1,4 @@
-"""The train command end to end (SPEC section 3): files, exit codes, messages."""
+"""The train command end to end: files, exit codes, messages."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from hetcore import interchange
-from hetcore.cli import main
+from hetapps import registry
+from hetapps.train import main
 from hetcore.outputs import RUN_FILES, read_predictions
 from tests.conftest import ROOT
 
@@ -51,7 +52,7 @@ def test_train_writes_a_complete_run(tmp_path, capsys, framework):
     interchange.check(w0, 8, 1, "float32")
     interchange.check(w1, 8, 1, "float32")
     # predictions.csv is exactly the final model's output, read back without loss.
-    mod = __import__(f"{'jaxhet' if framework == 'jax' else 'torchhet'}.train", fromlist=["x"])
+    mod = registry.backend(framework)
     x = pred["x"].astype(np.float32).reshape(-1, 1)
     mu, var, _ = mod.predict(w1, x, device="cpu")
     np.testing.assert_array_equal(pred["mu"], mu[:, 0].astype(np.float64))
@@ -162,6 +163,7 @@ def run_script(*argv, cwd=None):
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_script_divergence_exits_1_naming_the_epoch(tmp_path):
     out = tmp_path / "run"
     p = run_script(*SMALL, "--lr", "1e6", "--epochs", "50", "--out", str(out))
@@ -172,6 +174,7 @@ def test_script_divergence_exits_1_naming_the_epoch(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_bad_input_and_default_out(tmp_path):
     p = run_script(*SMALL, "--data", str(tmp_path / "missing.npz"), cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -183,6 +186,7 @@ def test_script_bad_input_and_default_out(tmp_path):
     assert sorted(os.listdir(tmp_path / "runs" / run)) == sorted(RUN_FILES)
 
 
+@pytest.mark.slow
 def test_remat_option_trains_the_same_run(tmp_path):
     # --remat recomputes the trunk in the backward pass: the same losses, recorded as used.
     common = ["--framework", "both", "--depth", "4", "--seed", "5", "--dtype", "float64"]

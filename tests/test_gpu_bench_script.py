@@ -1,5 +1,5 @@
 """scripts/gpu_bench.sh rehearsed on the CPU (GPU_BENCH_DEVICE=cpu, GPU_BENCH_QUICK=1): a
-lent GPU gives one call of a few minutes, so the script's plumbing (steps, time budget,
+GPU is often had for a few minutes at a time, so the script's plumbing (steps, time budget,
 the archive rewritten after every step) is proven here, where a mistake costs nothing."""
 
 import json
@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not all(shutil.which(t) for t in ("bash", "tar", "timeout")),
-    reason="needs bash, tar and coreutils' timeout")
+    reason="needs bash, tar and coreutils' timeout")]  # each test runs the whole script (15-90 s)
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_bench.sh")
 

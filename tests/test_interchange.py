@@ -1,4 +1,4 @@
-"""The weights interchange file (SPEC section 2) and the Flax <-> torch mapping."""
+"""The weights interchange file and the Flax <-> torch mapping."""
 
 import numpy as np
 import pytest
@@ -35,11 +35,10 @@ def test_a_plain_lecture_module_loads_the_file_strictly(tmp_path):
 
 @pytest.mark.parametrize("depth", [1, 2, 4])
 def test_flax_mapping_round_trip_is_bit_exact(small_state, depth):
-    from jaxhet.train import _abstract
-    from jaxhet.weights import from_state_dict, to_state_dict
+    from jaxhet.weights import abstract_model, from_state_dict, to_state_dict
 
     state = small_state(width=5, depth=depth)
-    _, abstract = _abstract(5, depth, "float32")
+    _, abstract = abstract_model(5, depth, "float32")
     params = from_state_dict(state, abstract)
     # The kernel is the transposed weight: (in, out) in Flax, (out, in) in torch.
     np.testing.assert_array_equal(params["layers"]["layers"][0]["kernel"][...],
@@ -51,10 +50,9 @@ def test_flax_mapping_round_trip_is_bit_exact(small_state, depth):
 
 
 def test_flax_mapping_names_the_misfit_tensor(small_state):
-    from jaxhet.train import _abstract
-    from jaxhet.weights import from_state_dict
+    from jaxhet.weights import abstract_model, from_state_dict
 
-    _, abstract = _abstract(5, 2, "float32")
+    _, abstract = abstract_model(5, 2, "float32")
     state = small_state(width=5, depth=2)
     with pytest.raises(UsageError, match="'layers.2.weight' has shape \\(5, 4\\)"):
         from_state_dict({**state, "layers.2.weight": np.ones((5, 4), np.float32)}, abstract)

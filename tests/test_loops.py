@@ -1,21 +1,24 @@
 """Every training loop trains the same run: same losses from the same initial weights,
 warm-up that does not advance the weights, rematerialisation that changes memory only."""
 
-import jax
 import numpy as np
 import pytest
 import torch
 
-import jaxhet.loops as jloops
-import jaxhet.train as jtrain
-import torchhet.loops as tloops
-import torchhet.train as ttrain
+import jaxhet.backend as jb
+import jaxhet.measure as jmeasure
+import torchhet.backend as tb
+import torchhet.engine as tengine
+import torchhet.measure as tmeasure
+import torchhet.weights as tweights
+from hetcore import driver
+from hetcore.backend import EngineOptions
 from hetcore.errors import UsageError
 from hetcore.settings import LOOPS, Settings
 
 CUDA = torch.cuda.is_available()
-TORCH_LOOPS = [pytest.param(loop, marks=pytest.mark.skipif(
-    loop in tloops.CUDA_ONLY and not CUDA, reason="needs CUDA")) for loop in LOOPS["torch"]]
+TORCH_LOOPS = [pytest.param(loop, marks=[pytest.mark.gpu] if loop in tengine.CUDA_ONLY else [])
+               for loop in LOOPS["torch"]]
 
 
 def assert_same_run(r, ref):
@@ -45,7 +48,7 @@ def problem():
 @pytest.fixture(scope="module")
 def eager_run(problem):
     state, x, y, s = problem
-    return ttrain.train(s.replace(loop="eager"), x, y, state)
+    return driver.train(tb, s.replace(loop="eager"), x, y, state)
 
 
 @pytest.mark.parametrize("loop", TORCH_LOOPS)
@@ -53,17 +56,17 @@ def test_every_torch_loop_trains_the_eager_run(loop, problem, eager_run):
     # compile and the CUDA loops warm up (compile, capture) on the run's own weights and
     # must put them back: epoch 0's loss is the initial weights' loss.
     state, x, y, s = problem
-    r = ttrain.train(s.replace(loop=loop), x, y, state)
+    r = driver.train(tb, s.replace(loop=loop), x, y, state)
     assert r.loop == loop
     assert_same_run(r, eager_run)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("loop", tloops.CUDA_ONLY)
+@pytest.mark.parametrize("loop", tengine.CUDA_ONLY)
 def test_cuda_loops_refuse_a_cpu_device(loop, problem):
     state, x, y, s = problem
     with pytest.raises(UsageError) as info:
-        ttrain.train(s.replace(loop=loop, device="cpu"), x, y, state)
+        driver.train(tb, s.replace(loop=loop, device="cpu"), x, y, state)
     msg = str(info.value)
     assert "CUDA" in msg and loop in msg and "\n" not in msg
 
@@ -76,8 +79,8 @@ def test_no_autograd_backward_is_autograds(depth, full, small_state, small_data)
     x, y = small_data(n=30, dtype="float64")
     s = Settings(framework="torch", device="cpu", preset="none", epochs=9, lr=0.05, width=10,
                  depth=depth, dtype="float64", chunk_epochs=4, full=full)
-    assert_same_run(ttrain.train(s.replace(loop="no-autograd"), x, y, state),
-                    ttrain.train(s.replace(loop="eager"), x, y, state))
+    assert_same_run(driver.train(tb, s.replace(loop="no-autograd"), x, y, state),
+                    driver.train(tb, s.replace(loop="eager"), x, y, state))
 
 
 def test_no_autograd_diverges_where_eager_does(small_state, small_data):
@@ -92,7 +95,7 @@ def test_no_autograd_diverges_where_eager_does(small_state, small_data):
     epochs = []
     for loop in ("eager", "no-autograd"):
         with pytest.raises(TrainingDiverged) as info:
-            ttrain.train(s.replace(loop=loop), x, y, state)
+            driver.train(tb, s.replace(loop=loop), x, y, state)
         epochs.append(info.value.epoch)
     assert epochs[0] == epochs[1] and 0 < epochs[0] < 40
 
@@ -100,16 +103,17 @@ def test_no_autograd_diverges_where_eager_does(small_state, small_data):
 def test_no_autograd_refuses_remat_and_counts_its_buffers(problem):
     state, x, y, s = problem
     with pytest.raises(UsageError) as info:
-        ttrain.train(s.replace(loop="no-autograd", remat=True), x, y, state)
+        driver.train(tb, s.replace(loop="no-autograd", remat=True), x, y, state)
     assert "--remat" in str(info.value) and "\n" not in str(info.value)
-    model = ttrain._build(state, "float64", torch.device("cpu"))
-    xs, ys = torch.tensor(x), torch.tensor(y)
-    own = tloops.activation_bytes(model, xs, ys, False, loop="no-autograd")
+    s = s.replace(device="cpu")
+    own = tmeasure.activation_bytes(s.replace(loop="no-autograd"), x, y, state)
     assert own == 2 * 40 * 12 * 8  # depth 2, N 40, width 12, float64
-    assert own < tloops.activation_bytes(model, xs, ys, False)  # autograd keeps more
+    assert own < tmeasure.activation_bytes(s.replace(loop="eager"), x, y, state)  # autograd
+    # keeps more
+    model = tweights.put(state, "float64", torch.device("cpu"))
     model.layers.append(torch.nn.Tanh())  # not the network it writes the backward for
     with pytest.raises(ValueError, match="Linear, ReLU"):
-        tloops.make_runner("no-autograd", model, xs, ys, 0.1, False)
+        tengine.make_runner("no-autograd", model, torch.tensor(x), torch.tensor(y), 0.1, False)
 
 
 def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
@@ -119,7 +123,7 @@ def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
 
     state, x, y, s = problem
     runs, alive = [], []
-    real_runner, real_nll = tloops.handgrad.make_runner, ttrain.gaussian_nll
+    real_runner, real_nll = tengine.handgrad.make_runner, tengine.gaussian_nll
 
     def make_runner(*args):
         run = real_runner(*args)
@@ -130,22 +134,22 @@ def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
         alive.append(runs[0]() is not None)
         return real_nll(*args)
 
-    monkeypatch.setattr(tloops.handgrad, "make_runner", make_runner)
-    monkeypatch.setattr(ttrain, "gaussian_nll", nll)
-    ttrain.train(s.replace(loop="no-autograd"), x, y, state)
+    monkeypatch.setattr(tengine.handgrad, "make_runner", make_runner)
+    monkeypatch.setattr(tengine, "gaussian_nll", nll)
+    driver.train(tb, s.replace(loop="no-autograd"), x, y, state)
     assert alive == [False]
 
 
-def test_jax_variants_train_the_same_run(problem, monkeypatch):
+def test_jax_variants_train_the_same_run(problem):
     # scan and step, unrolled and rematerialised: the numpy-free reference is scan itself.
     state, x, y, s = problem
     s = s.replace(framework="jax", device="cpu")
-    ref = jtrain.train(s.replace(loop="scan"), x, y, state)
-    eager = ttrain.train(problem[3].replace(loop="eager", device="cpu"), x, y, state)
+    ref = driver.train(jb, s.replace(loop="scan"), x, y, state)
+    eager = driver.train(tb, problem[3].replace(loop="eager", device="cpu"), x, y, state)
     np.testing.assert_allclose(ref.loss_history, eager.loss_history, rtol=1e-12, atol=1e-13)
     for loop, remat, unroll in [("step", False, 1), ("scan", True, 4)]:
-        monkeypatch.setattr(jloops, "UNROLL", unroll)
-        r = jtrain.train(s.replace(loop=loop, remat=remat), x, y, state)
+        r = driver.train(jb, s.replace(loop=loop, remat=remat), x, y, state,
+                         options=EngineOptions(unroll=unroll))
         np.testing.assert_allclose(r.loss_history, ref.loss_history, rtol=1e-12, atol=1e-13,
                                    err_msg=f"{loop} remat={remat} unroll={unroll}")
         assert r.final_loss == pytest.approx(ref.final_loss, rel=1e-12)
@@ -155,74 +159,71 @@ def test_jax_variants_train_the_same_run(problem, monkeypatch):
 def test_benchmark_trials_repeat_the_train_commands_run(problem, framework, loop):
     # A benchmark repeat is the train command's own run, from the initial weights each
     # time: identical histories, and the same as train() gives.
-    from hetcore.bench import via_train
+    from hetapps.bench.variants import Framework, trial
 
     state, x, y, s = problem
     s = s.replace(framework=framework, device="cpu", loop=loop, epochs=13, chunk_epochs=5)
-    _, run = via_train(framework, loop, "cpu")(state, x, y, s.lr, False, 13, 5)
-    a, b = run(), run()
+    fw = Framework.load(framework, "cpu")
+    _, repeat = trial(fw, loop)(state, x, y, s.lr, False, 13, 5)
+    a, b = repeat(), repeat()
     np.testing.assert_array_equal(a[1], b[1])
-    train = (jtrain if framework == "jax" else ttrain).train
-    np.testing.assert_array_equal(a[1], train(s, x, y, state).loss_history)
+    np.testing.assert_array_equal(a[1], driver.train(fw.backend, s, x, y, state).loss_history)
     assert a[0] > 0 and a[2] == b[2]
 
 
 def test_torch_remat_changes_nothing_but_memory(problem, eager_run):
     state, x, y, s = problem
-    r = ttrain.train(s.replace(loop="eager", remat=True), x, y, state)
+    r = driver.train(tb, s.replace(loop="eager", remat=True), x, y, state)
     np.testing.assert_allclose(r.loss_history, eager_run.loss_history, rtol=1e-13, atol=1e-14)
 
 
 def test_remat_keeps_fewer_activations(small_state, small_data):
     state = small_state(width=64, depth=3)
     x, y = small_data(n=200)
-    graphdef, params = jtrain._put(state, 64, 3, "float32", jax.devices("cpu")[0])
-    plain = jloops.activation_bytes(graphdef, False, params, x, y, remat=False)
-    remat = jloops.activation_bytes(graphdef, False, params, x, y, remat=True)
+    s = Settings(device="cpu", preset="none", width=64, depth=3, n_points=200)
+    plain = jmeasure.activation_bytes(s, x, y, state)
+    remat = jmeasure.activation_bytes(s.replace(remat=True), x, y, state)
     assert 0 < remat < plain
-    model = ttrain._build(state, "float32", torch.device("cpu"))
-    xs, ys = torch.tensor(x), torch.tensor(y)
-    t_plain = tloops.activation_bytes(model, xs, ys, False, remat=False)
-    t_remat = tloops.activation_bytes(model, xs, ys, False, remat=True)
+    s = s.replace(framework="torch", loop="eager")
+    t_plain = tmeasure.activation_bytes(s, x, y, state)
+    t_remat = tmeasure.activation_bytes(s.replace(remat=True), x, y, state)
     # depth 3: plain keeps every block's output; remat keeps only block inputs
     assert 0 < t_remat < t_plain
     # each (N, width) float32 activation is 200*64*4 bytes: at least the trunk's outputs
     assert t_plain >= 3 * 200 * 64 * 4
 
 
-def test_defaults_are_loops_of_their_framework():
-    for platform in ("cpu", "gpu", "tpu"):
-        assert jloops.default_loop(platform) in LOOPS["jax"]
+def test_defaults_are_loops_of_their_framework(small_state, small_data):
+    import jaxhet.engine
+
+    assert jaxhet.engine.DEFAULT_LOOP in LOOPS["jax"]
     for device_type in ("cpu", "cuda"):
-        assert tloops.default_loop(device_type) in LOOPS["torch"]
-    assert tloops.default_loop("cpu") not in tloops.CUDA_ONLY
-    for epochs in (None, 500, 10**6):  # no warm-up and the fastest epoch: at every length
-        assert tloops.default_loop("cpu", epochs) == "no-autograd"
-    assert tloops.default_loop("cpu", remat=True) == "eager"  # no-autograd has no remat
-    assert tloops.default_loop("cuda") == "cudagraph"
+        assert tengine.default_loop(device_type) in LOOPS["torch"]
+    assert tengine.default_loop("cpu") not in tengine.CUDA_ONLY
+    assert tengine.default_loop("cpu") == "no-autograd"  # no warm-up, the fastest epoch
+    assert tengine.default_loop("cpu", remat=True) == "eager"  # no-autograd has no remat
+    assert tengine.default_loop("cuda") == "cudagraph"
+    # what a run with --loop auto records
+    state, (x, y) = small_state(width=4, depth=1), small_data(n=10)
+    s = Settings(device="cpu", preset="none", width=4, depth=1, epochs=2)
+    assert driver.train(jb, s, x, y, state).loop == jaxhet.engine.DEFAULT_LOOP
+    assert driver.train(tb, s.replace(framework="torch"), x, y, state).loop == "no-autograd"
 
 
 def test_reference_timers_time_something():
-    dev = jax.devices("cpu")[0]
-    for times in (jloops.matmul_seconds(64, "float32", dev, 3),
-                  jloops.floor_seconds(50, 16, 2, "float32", dev, 3),
-                  tloops.matmul_seconds(64, torch.float32, torch.device("cpu"), 3),
-                  tloops.floor_seconds(50, 16, 2, torch.float32, torch.device("cpu"), 3)):
-        assert len(times) == 3 and all(t > 0 for t in times)
+    for measure in (jmeasure, tmeasure):
+        for times in (measure.matmul_seconds(64, "float32", "cpu", 3),
+                      measure.floor_seconds(50, 16, 2, "float32", "cpu", 3)):
+            assert len(times) == 3 and all(t > 0 for t in times)
 
 
 def test_xla_counts_the_lecture_epoch_flops():
-    # SPEC section 6: the lecture epoch's matrix products are about 790.5 MFLOP; XLA adds
+    # The lecture epoch's matrix products are about 790.5 MFLOP; XLA adds
     # the element-wise work on top.
+    from hetapps.bench.references import matmul_flops
     from hetcore import data, interchange
-    from hetcore.bench import matmul_flops
 
     x, y = data.lecture().columns("float32")
-    import optax
-
-    graphdef, params = jtrain._put(interchange.lecture_weights(), 512, 2, "float32",
-                                   jax.devices("cpu")[0])
-    carry = jloops.new_carry(params, optax.sgd(1e-3).init(params), jax.devices("cpu")[0])
-    flops = jloops.epoch_flops(graphdef, False, carry, x, y, np.float32(1e-3))
+    flops = jmeasure.epoch_flops(Settings(device="cpu"), x, y, interchange.lecture_weights())
     assert matmul_flops(500, 512, 2) == 790_528_000
     assert 790.5e6 <= flops <= 1.02 * 790.5e6

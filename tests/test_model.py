@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import jaxhet.train as jtrain
-import torchhet.train as ttrain
+import jaxhet.backend as jb
+import torchhet.backend as tb
 from hetcore.interchange import names, shapes
+from jaxhet.device import enable_x64
 from tests import reference
 
-FRAMEWORKS = [jtrain, ttrain]
+FRAMEWORKS = [jb, tb]
 
 
 @pytest.mark.parametrize("width,depth", [(1, 1), (8, 2), (16, 3)])
@@ -75,7 +76,7 @@ def test_softplus_mirrors_torch_forward_and_backward(dtype):
 
     from jaxhet.model import softplus
 
-    jtrain.enable_dtype(dtype)
+    enable_x64(dtype)
     z = np.array([-100, -20.5, -3, -1e-3, 0, 1e-3, 2.5, 19.99, 20, 20.001, 35, 100], dtype=dtype)
     jz = jnp.asarray(z)
     j_val, j_grad = np.asarray(softplus(jz)), np.asarray(jax.grad(lambda v: softplus(v).sum())(jz))
@@ -99,7 +100,7 @@ def test_loss_equals_torch_gaussian_nll_loss(full, dtype):
     from jaxhet.model import gaussian_nll as jax_nll
     from torchhet.model import gaussian_nll as torch_nll
 
-    jtrain.enable_dtype(dtype)
+    enable_x64(dtype)
     rng = np.random.default_rng(0)
     mu, y = rng.standard_normal((2, 300, 1)).astype(dtype)
     var = (rng.random((300, 1)) + 1e-3).astype(dtype)

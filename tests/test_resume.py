@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from hetcore import checkpoint
-from hetcore.cli import main
+from hetcore import checkpoint, schedule
+from hetapps.train import main
 from hetcore.errors import UsageError
 from tests.conftest import ROOT
 
@@ -33,6 +33,7 @@ def results_of(out):
     return m, load_file(os.path.join(out, "weights.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, framework):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -64,6 +65,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, framework):
         assert open(os.path.join(cut, name), "rb").read() == open(os.path.join(full, name), "rb").read()
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_the_same_bytes(tmp_path):
     argv = ["--preset", "none", "--width", "8", "--depth", "2", "--n-points", "40", "--epochs",
             "30", "--device", "cpu", "--no-progress", "--framework", "both"]
@@ -117,6 +119,9 @@ def test_resume_refusals(tmp_path, capsys):
     (unfinished / ck).write_bytes(open(os.path.join(done, ck), "rb").read())
     assert main(["--resume", str(unfinished), "--epochs", "50"]) == 2
     assert "--epochs 50 differs" in capsys.readouterr().err
+    # An option given is seen even when it says the default: the run has 20 epochs.
+    assert main(["--resume", str(unfinished), "--epochs", "500"]) == 2
+    assert "--epochs 500 differs from the checkpoint's 20" in capsys.readouterr().err
     assert main(small + ["--out", str(unfinished)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["--resume", str(unfinished), "--no-progress"]) == 0
@@ -160,8 +165,8 @@ def test_damaged_checkpoints_are_refused(tmp_path):
 
 
 def test_spans_never_cross_a_checkpoint():
-    got = list(checkpoint.spans(0, 23, 4, 10))
+    got = list(schedule.spans(0, 23, 4, 10))
     assert [(s, n) for s, n, _ in got] == [(0, 4), (4, 4), (8, 2), (10, 4), (14, 4), (18, 2),
                                             (20, 3)]
     assert [s + n for s, n, c in got if c] == [10, 20, 23]
-    assert list(checkpoint.spans(7, 9, 5, 0)) == [(7, 2, False)]
+    assert list(schedule.spans(7, 9, 5, 0)) == [(7, 2, False)]

@@ -5,14 +5,14 @@ import jax
 import numpy as np
 import pytest
 
-import jaxhet.train as jtrain
-import torchhet.train as ttrain
-from hetcore import data, interchange
+import jaxhet.backend as jb
+import torchhet.backend as tb
+from hetcore import data, driver, interchange
 from hetcore.errors import TrainingDiverged
 from hetcore.settings import Settings
 from tests import reference
 
-FRAMEWORKS = [jtrain, ttrain]
+FRAMEWORKS = [jb, tb]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_torchhet_reproduces_the_lecture_run_exactly(lecture_run):
     x, y = ds.columns("float32")
     np.testing.assert_array_equal(x, lecture_run["x"].numpy())
     np.testing.assert_array_equal(y, lecture_run["y"].numpy())
-    result = ttrain.train(Settings(framework="torch", device="cpu", loop="eager"), x, y,
+    result = driver.train(tb, Settings(framework="torch", device="cpu", loop="eager"), x, y,
                           interchange.lecture_weights())
     np.testing.assert_array_equal(result.loss_history, np.float32(lecture_run["losses"]))
     for name, tensor in lecture_run["final"].items():
@@ -40,7 +40,7 @@ def test_no_autograd_follows_the_lecture_run_to_rounding(lecture_run):
     # backward and fused update (measured: 9e-8 over the first 100 epochs, before the
     # lecture's SGD turns chaotic at ~250).
     x, y = data.lecture().columns("float32")
-    result = ttrain.train(Settings(framework="torch", device="cpu", loop="no-autograd",
+    result = driver.train(tb, Settings(framework="torch", device="cpu", loop="no-autograd",
                                    epochs=100), x, y, interchange.lecture_weights())
     assert result.loss_history[0] == np.float32(lecture_run["losses"][0])
     np.testing.assert_allclose(result.loss_history, lecture_run["losses"][:100], rtol=0,
@@ -51,7 +51,7 @@ def test_jaxhet_starts_the_lecture_run_where_the_lecture_does(lecture_run):
     # The first epochs sit far from the unstable regime: float32 rounding differences
     # between XLA and ATen kernels stay ~1e-7 (measured 2.4e-7 over 250 epochs).
     x, y = data.lecture().columns("float32")
-    result = jtrain.train(Settings(device="cpu", epochs=20), x, y, interchange.lecture_weights())
+    result = driver.train(jb, Settings(device="cpu", epochs=20), x, y, interchange.lecture_weights())
     np.testing.assert_allclose(result.loss_history, lecture_run["losses"][:20], rtol=0, atol=1e-6)
     assert result.loss_history[0] == pytest.approx(0.2584088444709778, abs=1e-6)
 
@@ -63,7 +63,7 @@ def test_float64_trajectory_matches_the_numpy_reference(fw, small_state, small_d
     x, y = small_data(n=50, dtype="float64")
     settings = Settings(device="cpu", preset="none", epochs=30, lr=0.05, width=16, depth=2,
                         dtype="float64", chunk_epochs=7)
-    result = fw.train(settings, x, y, state)
+    result = driver.train(fw, settings, x, y, state)
     ref_hist, ref_final = reference.train(state, x, y, lr=0.05, epochs=30)
     np.testing.assert_allclose(result.loss_history, ref_hist, rtol=1e-11, atol=1e-12)
     for n in ref_final:
@@ -81,7 +81,7 @@ def test_chunk_length_changes_nothing(fw, small_state, small_data):
     # The masked tail of the last chunk must not move the weights: bit-identical runs.
     state = small_state(width=8, depth=2)
     x, y = small_data(n=30)
-    runs = [fw.train(Settings(device="cpu", preset="none", epochs=23, lr=0.02, width=8,
+    runs = [driver.train(fw, Settings(device="cpu", preset="none", epochs=23, lr=0.02, width=8,
                               chunk_epochs=c), x, y, state) for c in (1, 5, 23, 100)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r.loss_history, runs[0].loss_history)
@@ -97,8 +97,8 @@ def test_torch_optim_sgd_gives_the_lecture_update(small_state, small_data):
     x, y = small_data(n=40, dtype="float64")
     s = Settings(framework="torch", device="cpu", preset="none", epochs=25, lr=0.05, width=16,
                  dtype="float64")
-    manual = ttrain.train(s.replace(loop="eager"), x, y, state)
-    optim = ttrain.train(s.replace(loop="optim"), x, y, state)
+    manual = driver.train(tb, s.replace(loop="eager"), x, y, state)
+    optim = driver.train(tb, s.replace(loop="optim"), x, y, state)
     np.testing.assert_allclose(optim.loss_history, manual.loss_history, rtol=1e-13, atol=1e-14)
     for n in state:
         np.testing.assert_allclose(optim.weights[n], manual.weights[n], rtol=1e-12, atol=1e-14,
@@ -114,13 +114,13 @@ def test_jax_compiles_once_for_new_data_and_weights(small_state, small_data):
 
     s = Settings(device="cpu", preset="none", epochs=12, width=8, chunk_epochs=5)
     x, y = small_data(n=24)
-    jtrain.train(s, x, y, small_state(width=8))  # warm: compiles what it must
+    driver.train(jb, s, x, y, small_state(width=8))  # warm: compiles what it must
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         x2, y2 = small_data(n=24, seed=9)
-        r = jtrain.train(s.replace(lr=0.5), x2, y2, small_state(width=8, seed=4))
+        r = driver.train(jb, s.replace(lr=0.5), x2, y2, small_state(width=8, seed=4))
         assert compiles == [], f"recompiled {len(compiles)} times for new values"
-        jtrain.train(s.replace(width=9), x, y, small_state(width=9))
+        driver.train(jb, s.replace(width=9), x, y, small_state(width=9))
         assert compiles, "a new architecture must compile (the listener works)"
     finally:
         jax.monitoring.clear_event_listeners()
@@ -133,11 +133,11 @@ def test_divergence_names_the_first_bad_epoch(fw, small_state, small_data):
     x, y = small_data(n=30)
     s = Settings(device="cpu", preset="none", epochs=40, width=8, chunk_epochs=6)
     with pytest.raises(TrainingDiverged) as info:
-        fw.train(s.replace(lr=1e6), x, y, state)
+        driver.train(fw, s.replace(lr=1e6), x, y, state)
     epoch = info.value.epoch
     # The epochs before the named one were finite: replay them with a finite run.
     if epoch > 0:
-        ok = fw.train(s.replace(lr=1e6, epochs=epoch), x, y, state)
+        ok = driver.train(fw, s.replace(lr=1e6, epochs=epoch), x, y, state)
         assert np.all(np.isfinite(ok.loss_history))
     assert f"epoch {epoch}" in str(info.value)
 
@@ -147,23 +147,23 @@ def test_float32_and_float64_runs_agree_early():
     # epochs agree with float32 to float32 rounding.
     ds = data.lecture()
     w = interchange.lecture_weights()
-    r32 = jtrain.train(Settings(device="cpu", epochs=5), *ds.columns("float32"), w)
-    r64 = jtrain.train(Settings(device="cpu", epochs=5, dtype="float64"), *ds.columns("float64"),
+    r32 = driver.train(jb, Settings(device="cpu", epochs=5), *ds.columns("float32"), w)
+    r64 = driver.train(jb, Settings(device="cpu", epochs=5, dtype="float64"), *ds.columns("float64"),
                        interchange.cast(w, "float64"))
     assert r64.loss_history.dtype == np.float64
     np.testing.assert_allclose(r32.loss_history, r64.loss_history, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("fw,loops", [(jtrain, ("scan", "step")), (ttrain, ("eager", "optim"))],
+@pytest.mark.parametrize("fw,loops", [(jb, ("scan", "step")), (tb, ("eager", "optim"))],
                          ids=["jax", "torch"])
 def test_every_loop_trains_the_same_run(fw, loops, small_state, small_data):
     # Float64 so that a loop that differs only in rounding (optim's fused update) agrees to
     # accumulated rounding, while a wrong loop (a skipped or doubled epoch) is far off.
     state = small_state(width=8, depth=2, dtype="float64")
     x, y = small_data(n=30, dtype="float64")
-    s = Settings(framework=fw.FRAMEWORK, device="cpu", preset="none", epochs=17, lr=0.05,
+    s = Settings(framework=fw.NAME, device="cpu", preset="none", epochs=17, lr=0.05,
                  width=8, dtype="float64", chunk_epochs=5)
-    runs = [fw.train(s.replace(loop=loop), x, y, state) for loop in loops]
+    runs = [driver.train(fw, s.replace(loop=loop), x, y, state) for loop in loops]
     for loop, r in zip(loops, runs):
         assert r.loop == loop
         np.testing.assert_allclose(r.loss_history, runs[0].loss_history, rtol=1e-13, atol=1e-14)
@@ -177,16 +177,17 @@ def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison, loop=
     update that leaves the loss finite). Returns (run, the clean run's losses)."""
     import torch
 
-    import torchhet.loops
+    import torchhet.engine
 
     state = small_state(width=8, depth=1)
     x, y = small_data(n=20)
     s = Settings(framework="torch", device="cpu", preset="none", epochs=12, lr=0.01, width=8,
                  depth=1, chunk_epochs=5, loop=loop)
-    clean = ttrain.train(s, x, y, state).loss_history
+    clean = driver.train(tb, s, x, y, state).loss_history
+    real = torchhet.engine.make_runner
 
     def make_runner(loop, model, *args, **kwargs):
-        inner, warm = torchhet.loops.make_runner(loop, model, *args, **kwargs)
+        inner, warm = real(loop, model, *args, **kwargs)
 
         def runner(n, losses):
             inner(n, losses)
@@ -196,8 +197,8 @@ def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison, loop=
 
         return runner, warm
 
-    monkeypatch.setattr(ttrain, "make_runner", make_runner)
-    return lambda: ttrain.train(s, x, y, state)
+    monkeypatch.setattr(torchhet.engine, "make_runner", make_runner)
+    return lambda: driver.train(tb, s, x, y, state)
 
 
 @pytest.mark.parametrize("loop", ["eager", "no-autograd"])
@@ -238,15 +239,15 @@ def test_jax_names_the_update_that_made_weights_nonfinite(small_state, small_dat
     import jax.numpy as jnp
     import optax
 
-    import jaxhet.loops
+    import jaxhet.engine
 
     state = small_state(width=8, depth=1)
     x, y = small_data(n=20)
     s = Settings(device="cpu", preset="none", epochs=12, lr=0.01, width=8, depth=1,
                  chunk_epochs=5)
-    clean = jtrain.train(s, x, y, state)
+    clean = driver.train(jb, s, x, y, state)
     # The weights entering epoch 6 of the clean run (after 6 updates) identify that epoch.
-    marker = jtrain.train(s.replace(epochs=6), x, y, state).weights["mean_head.bias"]
+    marker = driver.train(jb, s.replace(epochs=6), x, y, state).weights["mean_head.bias"]
     real = optax.apply_updates
 
     def broken(params, updates):
@@ -256,12 +257,12 @@ def test_jax_names_the_update_that_made_weights_nonfinite(small_state, small_dat
         kernel[...] = jnp.where(hit, jnp.full_like(kernel[...], jnp.inf), kernel[...])
         return new
 
-    monkeypatch.setattr(jaxhet.loops.optax, "apply_updates", broken)
-    monkeypatch.setattr(jaxhet.loops, "_compiled", {})  # compile the broken epoch afresh
+    monkeypatch.setattr(jaxhet.engine.optax, "apply_updates", broken)
+    monkeypatch.setattr(jaxhet.engine, "_compiled", {})  # compile the broken epoch afresh
     jax.clear_caches()  # and trace it afresh: jit keeps the clean run's trace
     try:
         with pytest.raises(TrainingDiverged) as info:
-            jtrain.train(s, x, y, state)
+            driver.train(jb, s, x, y, state)
     finally:  # no later test may reuse the broken trace
         monkeypatch.undo()
         jax.clear_caches()
@@ -278,38 +279,38 @@ def test_jax_names_a_refused_update_among_equal_losses(small_state, small_data, 
     # not guessed from where the losses start repeating (which would say epoch 0 here).
     import jax.numpy as jnp
 
-    import jaxhet.loops
+    import jaxhet.engine
 
     state = small_state(width=8, depth=1)
     x, y = small_data(n=20)
     s = Settings(device="cpu", preset="none", epochs=12, lr=1e-30, width=8, depth=1,
                  chunk_epochs=5, loop=loop)
-    real = jaxhet.loops.epoch
-    real_runner, chunks = jtrain.make_runner, []
+    real = jaxhet.engine.epoch
+    real_runner, chunks = jaxhet.engine.make_runner, []
 
     def counting(*args, **kwargs):  # how many chunks run before the failure is named
-        runner, compile_s = real_runner(*args, **kwargs)
+        runner, compiled = real_runner(*args, **kwargs)
         return (lambda carry, n, start: (chunks.append(start), runner(carry, n, start))[1],
-                compile_s)
+                compiled)
 
     def broken(graphdef, full, carry, x, y, lr, active, index, remat=False):
         lr = jnp.where(index == 7, jnp.asarray(jnp.inf, lr.dtype), lr)  # epoch 7's update
         return real(graphdef, full, carry, x, y, lr, active, index, remat)
 
-    monkeypatch.setattr(jaxhet.loops, "epoch", broken)
-    monkeypatch.setattr(jaxhet.loops, "_compiled", {})
-    monkeypatch.setattr(jtrain, "make_runner", counting)
+    monkeypatch.setattr(jaxhet.engine, "epoch", broken)
+    monkeypatch.setattr(jaxhet.engine, "_compiled", {})
+    monkeypatch.setattr(jaxhet.engine, "make_runner", counting)
     jax.clear_caches()
     try:
         with pytest.raises(TrainingDiverged) as info:
-            jtrain.train(s.replace(epochs=1000), x, y, state)
+            driver.train(jb, s.replace(epochs=1000), x, y, state)
     finally:
         monkeypatch.undo()
         jax.clear_caches()
     assert info.value.epoch == 7 and "update of epoch 7" in str(info.value), info.value
     # Named when its chunk (epochs 5-9) is read, while the next one runs: not at the end.
     assert chunks == [0, 5, 10], chunks
-    clean = jtrain.train(s, x, y, state)
+    clean = driver.train(jb, s, x, y, state)
     assert len(set(clean.loss_history.tolist())) == 1  # the losses really are all equal
 
 
@@ -321,8 +322,8 @@ def test_both_frameworks_name_the_same_epoch_for_a_weight_blowup(fw, small_state
     state = small_state(width=8, depth=1)
     x, y = small_data(n=20)
     y = y * 1000
-    s = Settings(framework=fw.FRAMEWORK, device="cpu", preset="none", epochs=20, lr=3.4e38,
+    s = Settings(framework=fw.NAME, device="cpu", preset="none", epochs=20, lr=3.4e38,
                  width=8, depth=1, chunk_epochs=10)
     with pytest.raises(TrainingDiverged) as info:
-        fw.train(s, x, y, state)
+        driver.train(fw, s, x, y, state)
     assert info.value.epoch == 0 and "update of epoch 0" in str(info.value), info.value
