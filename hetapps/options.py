@@ -28,8 +28,8 @@ SETTINGS_OPTIONS: dict[str, dict] = {
                    "synthetic data and weights drawn from --seed"),
     "epochs": dict(type=int, help="training epochs"),
     "lr": dict(type=float, help="learning rate"),
-    "seed": dict(type=int, help="draw synthetic data and initial weights from this seed "
-                 "(replaces the lecture's own draw)"),
+    "seed": dict(type=int, shown="the preset's", help="draw synthetic data and initial "
+                 "weights from this seed (replaces the lecture's own draw)"),
     "n_points": dict(type=int, help="synthetic data size"),
     "width": dict(type=int, help="trunk width"),
     "depth": dict(type=int, help="trunk depth (Linear + ReLU blocks)"),
@@ -71,7 +71,8 @@ def add_settings(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ())
             continue
         spec = dict(spec)
         default = getattr(defaults, name)
-        shown = "off" if spec.get("flag") else ("the preset's" if default is None else default)
+        shown = spec.pop("shown", "off" if spec.get("flag") else
+                         ("none" if default is None else default))
         spec["help"] = f"{spec['help']} (default: {shown})"
         if spec.pop("flag", False):
             parser.add_argument(flag(name), action="store_true", default=None, **spec)

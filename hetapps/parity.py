@@ -24,9 +24,8 @@ import numpy as np
 from hetapps import options, registry
 from hetcore import criteria, data, driver, figures, interchange, outputs
 from hetcore.errors import UsageError
-from hetcore.settings import Settings
+from hetcore.settings import BACKENDS, Settings
 
-FRAMEWORKS = ("jax", "torch")
 INITS = ("torch", "jax")
 DTYPE_CHOICES = ("float32", "float64", "both")
 DEFAULT_FLOOR_RUNS = 2
@@ -98,7 +97,7 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
     if args.grid_points < 2:
         raise UsageError(f"--grid-points: must be at least 2, got {args.grid_points}")
     base = options.settings(args, framework="both", dtype=dtypes[0])
-    modules = modules or {n: registry.backend(n) for n in FRAMEWORKS}
+    modules = modules or {n: registry.backend(n) for n in BACKENDS}
     for m in modules.values():
         m.resolve_device(base.device)  # unavailable device: usage error, before any work
     dataset = data.for_settings(base)  # checks finiteness in dtypes[0], the narrower one

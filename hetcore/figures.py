@@ -49,7 +49,7 @@ def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=No
       axes: three axes to draw into (one row of a larger figure); default a new figure.
       loss: (jax, torch) loss per epoch.
       floor_gaps: per-epoch gaps of the one-ulp twin runs; drawn thin with their envelope.
-      bound: the per-epoch bound on the running gap (hetcore.parity.trajectory_bound).
+      bound: the per-epoch bound on the running gap (hetcore.criteria.trajectory_bound).
       reference: {"jax": ..., "torch": ...} float32 distances from the float64 run.
       band: {"x", "mu_jax", "sigma_jax", "mu_torch", "sigma_torch"} on a dense grid.
       data: (x, y) training points, drawn faintly under the bands.

@@ -13,7 +13,7 @@ FRAMEWORKS = BACKENDS + ("both",)
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 PRESETS = ("lecture", "none")
 DTYPES = ("float32", "float64")
-# Training loops per framework (jaxhet.loops, torchhet.loops); "auto" picks the device's
+# Training loops per framework (jaxhet.engine, torchhet.engine); "auto" picks the device's
 # fastest. Named here so that settings are checked before either framework is imported.
 LOOPS = {"jax": ("scan", "step"),
          "torch": ("eager", "optim", "compile", "cudagraph", "reduce-overhead",
