@@ -14,7 +14,8 @@ import sys
 from typing import Callable
 
 from hetcore.errors import TrainingDiverged, UsageError
-from hetcore.settings import DEVICES, DTYPES, FRAMEWORKS, LOOPS, PRESETS, Settings
+from hetcore.settings import (DEVICES, DTYPES, FRAMEWORKS, LOOPS, LOSSES, OPTIMIZERS, PRESETS,
+                              RECIPES, SCHEDULES, Settings)
 
 _LOOP_HELP = (f"training loop: jax {'|'.join(LOOPS['jax'])}, torch {'|'.join(LOOPS['torch'])}; "
               "auto takes the device's fastest")
@@ -25,9 +26,11 @@ SETTINGS_OPTIONS: dict[str, dict] = {
     "device": dict(choices=DEVICES, help="auto takes the best device present"),
     "preset": dict(choices=PRESETS, help="lecture: the lecture's exact data and initial "
                    "weights where the other options leave them as in the lecture; none: "
-                   "synthetic data and weights drawn from --seed"),
-    "epochs": dict(type=int, help="training epochs"),
-    "lr": dict(type=float, help="learning rate"),
+                   "synthetic data and weights drawn from --seed; two-sines: the lecture's "
+                   "contradictory data, each point on one of two sine curves"),
+    "epochs": dict(type=int, shown="the recipe's; lecture 500", help="training epochs"),
+    "lr": dict(type=float, shown="the recipe's; lecture 0.001",
+               help="learning rate (the peak, with a schedule)"),
     "seed": dict(type=int, shown="the preset's", help="draw synthetic data and initial "
                  "weights from this seed (replaces the lecture's own draw)"),
     "n_points": dict(type=int, help="synthetic data size"),
@@ -45,6 +48,32 @@ SETTINGS_OPTIONS: dict[str, dict] = {
     "remat": dict(flag=True, help="rematerialise the trunk in the backward pass "
                   "(jax.checkpoint, torch.utils.checkpoint): less activation memory, one "
                   "more forward"),
+    "recipe": dict(choices=tuple(RECIPES), help="named defaults for the training options "
+                   "below and --epochs, --lr; options given override them (calibrated: the "
+                   "recommended recipe for recovering sigma(x))"),
+    "loss": dict(choices=LOSSES, shown="the recipe's; lecture nll", help="nll (the "
+                 "lecture's), beta-nll (each point's NLL weighted by var**beta, the weight "
+                 "not differentiated), mse (the mean alone; sigma from the residuals)"),
+    "beta": dict(type=float, shown="0.5 with beta-nll", help="beta-NLL's exponent, in [0, 1] "
+                 "(0 is the NLL)"),
+    "optimizer": dict(choices=OPTIMIZERS, shown="the recipe's; lecture sgd",
+                      help="sgd, adam or adamw (betas 0.9, 0.999, eps 1e-8)"),
+    "momentum": dict(type=float, shown="0 with sgd", help="sgd's momentum, in [0, 1) "
+                     "(PyTorch's law: dampening 0)"),
+    "nesterov": dict(flag=True, help="sgd's Nesterov momentum (needs --momentum)"),
+    "weight_decay": dict(type=float, shown="1e-4 with adamw", help="adamw's decoupled weight "
+                         "decay of every parameter, in [0, 1]"),
+    "schedule": dict(choices=SCHEDULES, shown="the recipe's; lecture constant",
+                     help="the learning rate per update after the warm-up: constant, or "
+                     "cosine decay to --lr-end over the rest of the run"),
+    "warmup_steps": dict(type=int, metavar="W", shown="0", help="updates of linear warm-up "
+                         "from 0 to --lr"),
+    "lr_end": dict(type=float, shown="0 with cosine", help="the learning rate the cosine "
+                   "schedule ends at"),
+    "batch_size": dict(type=int, metavar="B", shown="every point", help="points per batch "
+                       "(one update each; the last batch of an epoch shorter)"),
+    "shuffle_seed": dict(type=int, metavar="S", help="epoch e visits the points in the order "
+                         "np.random.default_rng([S, e]).permutation(N)"),
 }
 assert set(SETTINGS_OPTIONS) == {f.name for f in dataclasses.fields(Settings)}, \
     "every Settings field needs its option"

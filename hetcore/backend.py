@@ -55,15 +55,18 @@ PRECISIONS = ("highest", "tf32")
 class Chunk:
     """A finished chunk as the driver reads it.
 
-    losses: (count,) the loss of each epoch's forward pass, before its update.
+    losses: (count,) each epoch's loss: the point-weighted mean of its batches' losses, each
+      taken before its own update (one batch: the loss of the epoch's forward pass).
     failed: the first epoch (counted over the whole run) whose loss was not finite or whose
       update made a weight non-finite; None when every epoch was finite.
     update_failed: whether `failed` names an update (its loss was finite) rather than a loss.
+    batch: the batch of epoch `failed` that failed (0 in a full-batch run).
     """
 
     losses: np.ndarray
     failed: int | None = None
     update_failed: bool = False
+    batch: int = 0
 
     @classmethod
     def from_losses(cls, start: int, losses: np.ndarray) -> "Chunk":
@@ -100,9 +103,11 @@ class Engine(Protocol):
     compile_s: float
     in_flight: int
 
-    def launch(self, start: int, count: int) -> Any:
+    def launch(self, start: int, count: int, orders: np.ndarray | None = None) -> Any:
         """Run (or queue) epochs start .. start + count - 1; returns a handle for `read`.
-        Epochs after a failed one change nothing."""
+        orders: (count, N) the order each epoch visits the points in (a mini-batch run;
+        hetcore.schedule.epoch_orders), None for full batches. Updates after a failed one
+        change nothing."""
 
     def read(self, handle: Any) -> Chunk:
         """The chunk's losses and first failure (waits for the chunk if need be)."""
@@ -143,12 +148,16 @@ class Backend(Protocol):
         (hetcore.interchange.init_bounds's law)."""
 
     def predict(self, weights: StateDict, x: np.ndarray, device: str = "auto",
-                full: bool = False, y: np.ndarray | None = None):
-        """(mu, var, loss) as numpy for inputs x (N, 1); loss needs y (else None)."""
+                full: bool = False, y: np.ndarray | None = None, loss: str = "nll",
+                beta: float | None = None):
+        """(mu, var, loss) as numpy for inputs x (N, 1); the loss (hetcore.settings.LOSSES)
+        needs y (else None)."""
 
     def loss_and_grad(self, weights: StateDict, x: np.ndarray, y: np.ndarray,
-                      device: str = "auto", full: bool = False) -> tuple[float, StateDict]:
-        """The loss and every parameter's gradient, gradients as a state dict."""
+                      device: str = "auto", full: bool = False, loss: str = "nll",
+                      beta: float | None = None) -> tuple[float, StateDict]:
+        """The loss and every parameter's gradient, gradients as a state dict (an MSE
+        run's variance head: zeros)."""
 
     def versions(self) -> dict:
         """Versions of the framework and its libraries, for metrics.json."""

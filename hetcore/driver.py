@@ -19,7 +19,7 @@ import numpy as np
 from hetcore import checkpoint, interchange
 from hetcore.backend import Backend, EngineOptions
 from hetcore.errors import TrainingDiverged, UsageError
-from hetcore.schedule import chunk_length, spans
+from hetcore.schedule import chunk_length, epoch_orders, spans
 from hetcore.settings import Settings
 
 
@@ -102,6 +102,7 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
       RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite or
       whose update made a weight non-finite; no checkpoint is written from such a chunk.
     """
+    settings.check_run(len(x))
     digest = checkpoint.data_digest(x, y)
     history = np.full(settings.epochs, np.nan)
     first = 0
@@ -132,8 +133,13 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
 
     t0 = time.perf_counter()
     try:
+        shuffled = not settings.full_batch(len(x))
         for span in spans(first, settings.epochs, length, settings.checkpoint_every):
-            pending.append((span, engine.launch(span.start, span.count)))
+            # A mini-batch chunk's epoch orders are drawn here, once, while the device may
+            # still run the chunk before it.
+            orders = (epoch_orders(settings.shuffle_seed, span.start, span.count, len(x))
+                      if shuffled else None)
+            pending.append((span, engine.launch(span.start, span.count, orders)))
             if span.checkpoint and checkpoint_path is not None:
                 while pending and failed is None:
                     consume()
@@ -158,12 +164,18 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     train_s = time.perf_counter() - t0
     if failed is not None:
         raise TrainingDiverged(backend.NAME, failed.failed, float(history[failed.failed]),
-                               weights=failed.update_failed)
+                               weights=failed.update_failed, batch=failed.batch,
+                               batches=settings.batches(len(x)))
     final = engine.finish()
+    var = final.var
+    if settings.loss == "mse":  # the variance head was never trained: sigma is the
+        # training residuals' root mean square, the same at every x
+        resid = y[:, 0].astype(np.float64) - final.mu.astype(np.float64)
+        var = np.full(len(x), np.mean(resid ** 2)).astype(settings.dtype)
     return RunResult(
         framework=backend.NAME, device=engine.device, dtype=settings.dtype,
         loss_history=history.astype(settings.dtype), initial_weights=dict(initial_weights),
-        weights=final.weights, mu=final.mu, var=final.var, final_loss=final.loss,
+        weights=final.weights, mu=final.mu, var=var, final_loss=final.loss,
         compile_s=engine.compile_s, train_s=train_s, versions=backend.versions(),
         loop=engine.loop,
     )

@@ -8,14 +8,19 @@ class UsageError(Exception):
 
 
 class TrainingDiverged(Exception):
-    """Training produced a non-finite loss: exit status 1, the message names the epoch."""
+    """Training produced a non-finite loss: exit status 1, the message names the epoch (and,
+    in a mini-batch run, the batch)."""
 
     exit_code = 1
 
-    def __init__(self, framework: str, epoch: int, loss: float, weights: bool = False):
+    def __init__(self, framework: str, epoch: int, loss: float, weights: bool = False,
+                 batch: int | None = None, batches: int = 1):
         self.framework = framework
         self.epoch = epoch
         self.loss = loss
-        what = (f"the update of epoch {epoch} made the weights non-finite" if weights
-                else f"loss is {loss} at epoch {epoch}")
+        self.batch = batch
+        at = f"epoch {epoch}" if batch is None or batches == 1 else \
+            f"epoch {epoch}, batch {batch} of {batches}"
+        what = (f"the update of {at} made the weights non-finite" if weights
+                else f"loss is {loss} at {at}")
         super().__init__(f"{framework}: training diverged: {what}; try a smaller --lr")

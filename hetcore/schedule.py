@@ -1,10 +1,13 @@
-"""What runs when: the chunks a run's epochs are dispatched in, and the trunk segments that
+"""What runs when: the chunks a run's epochs are dispatched in, the order and batches of a
+mini-batch epoch, the learning rate of each update, and the trunk segments that
 rematerialisation recomputes together."""
 
 from __future__ import annotations
 
 import math
 from typing import Iterator, NamedTuple
+
+import numpy as np
 
 
 class Span(NamedTuple):
@@ -56,3 +59,36 @@ def remat_segments(depth: int) -> list[tuple[int, int]]:
     count = max(1, int(math.isqrt(depth)))
     bounds = [round(i * depth / count) for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def learning_rate(t: int, lr: float, total: int, schedule: str = "constant",
+                  warmup_steps: int = 0, lr_end: float | None = None) -> float:
+    """The learning rate of update t (0-based, counted over the whole run of `total`
+    updates), in float64: lr * t / W while t < W, then lr (constant) or
+    lr_end + (lr - lr_end) * (1 + cos(pi * (t - W) / (T - W))) / 2 (cosine), as optax's
+    warmup_cosine_decay_schedule(0, lr, W, T, lr_end) has it."""
+    if t < warmup_steps:
+        return lr * t / warmup_steps
+    if schedule == "constant":
+        return lr
+    end = lr_end or 0.0
+    frac = min(t - warmup_steps, total - warmup_steps) / (total - warmup_steps)
+    return end + (lr - end) * (1 + math.cos(math.pi * frac)) / 2
+
+
+def epoch_order(shuffle_seed: int, epoch: int, n_points: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the points (a mini-batch run's)."""
+    return np.random.default_rng([shuffle_seed, epoch]).permutation(n_points)
+
+
+def epoch_orders(shuffle_seed: int, start: int, count: int, n_points: int) -> np.ndarray:
+    """(count, n_points) int32: epoch_order of epochs start .. start + count - 1."""
+    return np.stack([epoch_order(shuffle_seed, e, n_points).astype(np.int32)
+                     for e in range(start, start + count)])
+
+
+def batch_sizes(n_points: int, batch_size: int | None) -> list[int]:
+    """The sizes of an epoch's consecutive batches; the last one shorter when batch_size
+    does not divide n_points."""
+    b = n_points if batch_size is None else min(batch_size, n_points)
+    return [min(b, n_points - i) for i in range(0, n_points, b)]

@@ -11,8 +11,11 @@ from hetcore.errors import UsageError
 BACKENDS = ("jax", "torch")  # the framework packages, jaxhet and torchhet
 FRAMEWORKS = BACKENDS + ("both",)
 DEVICES = ("auto", "cpu", "gpu", "tpu")
-PRESETS = ("lecture", "none")
+PRESETS = ("lecture", "none", "two-sines")
 DTYPES = ("float32", "float64")
+LOSSES = ("nll", "beta-nll", "mse")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 # Training loops per framework (jaxhet.engine, torchhet.engine); "auto" picks the device's
 # fastest. Named here so that settings are checked before either framework is imported.
 LOOPS = {"jax": ("scan", "step"),
@@ -24,6 +27,24 @@ NO_REMAT = ("no-autograd",)
 
 # The lecture's run.
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")
+MAX_EPOCHS = 10**7  # a loss history of 80 MB; more is refused before any work
+
+# Recipes: named defaults for the training options (the fields of RECIPE_FIELDS); an option
+# given explicitly overrides the recipe's, and a recipe's default for an option that does
+# not apply to what is given (its --beta once --loss nll is given, say) is dropped.
+# `calibrated` is the recommended recipe for recovering sigma(x); docs/recipes.md shows the
+# sweep that chose it and what each ingredient buys.
+RECIPES = {
+    "lecture": dict(epochs=LECTURE["epochs"], lr=LECTURE["lr"], loss="nll", optimizer="sgd",
+                    momentum=0.0, nesterov=False, schedule="constant", warmup_steps=0),
+    "calibrated": dict(epochs=2000, lr=1e-3, loss="beta-nll", beta=0.5, optimizer="adam",
+                       schedule="cosine", warmup_steps=100, lr_end=0.0),
+}
+# What each option defaults to where it applies and the recipe does not say.
+OPTION_DEFAULTS = dict(beta=0.5, momentum=0.0, nesterov=False, weight_decay=1e-4,
+                       schedule="constant", warmup_steps=0, lr_end=0.0)
+RECIPE_FIELDS = ("epochs", "lr", "loss", "beta", "optimizer", "momentum", "nesterov",
+                 "weight_decay", "schedule", "warmup_steps", "lr_end", "batch_size")
 LECTURE_SEED = 10  # torch.random.manual_seed(10) in the lecture
 EPS = 1e-6  # added to softplus(var_head) in both frameworks
 DEFAULT_SEED = 0  # seed of synthetic data and initial weights when none is given
@@ -44,13 +65,31 @@ class Settings:
       remat: rematerialise the trunk in the backward pass (about sqrt(depth) segments whose
         activations are recomputed instead of kept): less memory, one more trunk forward,
         the same run.
+      recipe: named defaults (RECIPES) for the fields of RECIPE_FIELDS left None; once
+        built, every field holds its value, and a field that does not apply holds None
+        (beta without beta-nll, momentum without sgd, weight_decay without adamw, lr_end
+        without cosine; batch_size None: every point in one batch).
+      loss: nll (the lecture's), beta-nll (each point's NLL weighted by var**beta, the
+        weight not differentiated) or mse (the mean only; sigma is then the training
+        residuals' root mean square, at every x).
+      optimizer, momentum, nesterov, weight_decay: sgd (PyTorch's law: dampening 0, the
+        buffer starts as the first gradient), adam or adamw (betas 0.9, 0.999, eps 1e-8;
+        adamw decays every parameter by weight_decay).
+      schedule, warmup_steps, lr_end: the learning rate of update t (counted over the whole
+        run, one per batch): lr * t / warmup_steps while t < warmup_steps, then lr
+        (constant) or lr_end + (lr - lr_end) * (1 + cos(pi * (t - W) / (T - W))) / 2
+        (cosine), T the run's number of updates.
+      batch_size, shuffle_seed: epoch e visits the points in the order
+        np.random.default_rng([shuffle_seed, e]).permutation(N), in batches of batch_size
+        (the last one shorter), one update each; batch_size >= N is the full batch, with
+        nothing permuted.
     """
 
     framework: str = "jax"
     device: str = "auto"
     preset: str = "lecture"
-    epochs: int = LECTURE["epochs"]
-    lr: float = LECTURE["lr"]
+    epochs: int | None = None
+    lr: float | None = None
     seed: int | None = None
     n_points: int = LECTURE["n_points"]
     width: int = LECTURE["width"]
@@ -63,12 +102,33 @@ class Settings:
     loop: str = "auto"
     checkpoint_every: int = 0
     remat: bool = False
+    recipe: str = "lecture"
+    loss: str | None = None
+    beta: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup_steps: int | None = None
+    lr_end: float | None = None
+    batch_size: int | None = None
+    shuffle_seed: int = 0
 
     def __post_init__(self):
+        _check_choice("--recipe", self.recipe, tuple(RECIPES))
+        for name, value in resolve_recipe(self).items():
+            object.__setattr__(self, name, value)  # frozen: set once, while being built
         validate(self)
 
     def replace(self, **changes) -> "Settings":
-        return dataclasses.replace(self, **changes)
+        """These settings with `changes`; a training option that no longer applies to the
+        changed loss, optimizer or schedule is dropped unless `changes` gives it."""
+        new = {**self.to_dict(), **changes}
+        for name, (applies, _) in _APPLIES.items():
+            if name not in changes and not applies(new):
+                new[name] = None
+        return Settings(**new)
 
     @property
     def lecture_data(self) -> bool:
@@ -102,6 +162,67 @@ class Settings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def batches(self, n_points: int) -> int:
+        """Batches (and updates) per epoch on n_points."""
+        return 1 if self.batch_size is None else -(-n_points // min(self.batch_size, n_points))
+
+    def full_batch(self, n_points: int) -> bool:
+        """Whether an epoch is one batch of every point, in input order (the lecture's)."""
+        return self.batch_size is None or self.batch_size >= n_points
+
+    @property
+    def plain_sgd(self) -> bool:
+        """The lecture's update: param -= lr * grad, the same lr at every update."""
+        return (self.optimizer == "sgd" and not self.momentum and self.schedule == "constant"
+                and self.warmup_steps == 0)
+
+    def check_run(self, n_points: int) -> None:
+        """What can only be checked once the data's size is known: the warm-up must end
+        before the run does."""
+        total = self.epochs * self.batches(n_points)
+        if self.warmup_steps and self.warmup_steps >= total:
+            raise UsageError(f"--warmup-steps {self.warmup_steps}: longer than the run's "
+                             f"{total} updates ({self.epochs} epochs x "
+                             f"{self.batches(n_points)} batches)")
+        if total >= 2**31:
+            raise UsageError(f"--epochs {self.epochs}: {total} updates, more than 2**31 - 1")
+
+
+# Which training options apply, given the loss, optimizer and schedule (and how to say why
+# not): an option given where it does not apply is refused.
+_APPLIES = {
+    "beta": (lambda r: r["loss"] == "beta-nll", "only --loss beta-nll takes --beta"),
+    "momentum": (lambda r: r["optimizer"] == "sgd", "only --optimizer sgd takes --momentum"),
+    "nesterov": (lambda r: r["optimizer"] == "sgd", "only --optimizer sgd takes --nesterov"),
+    "weight_decay": (lambda r: r["optimizer"] == "adamw",
+                     "only --optimizer adamw takes --weight-decay (adam's would be an L2 "
+                     "penalty, sgd's has none here)"),
+    "lr_end": (lambda r: r["schedule"] == "cosine", "only --schedule cosine takes --lr-end"),
+}
+
+
+def resolve_recipe(s: "Settings") -> dict:
+    """Every field of RECIPE_FIELDS resolved: given (not None), else the recipe's, else the
+    option's default where it applies, else None. Raises UsageError for a given option that
+    does not apply."""
+    recipe = RECIPES[s.recipe]
+    given = {f: getattr(s, f) for f in RECIPE_FIELDS if getattr(s, f) is not None}
+    out = {f: given.get(f, recipe.get(f)) for f in ("epochs", "lr", "loss", "optimizer",
+                                                     "schedule", "batch_size")}
+    out["schedule"] = out["schedule"] or OPTION_DEFAULTS["schedule"]
+    for name in ("loss", "optimizer", "schedule"):
+        _check_choice(f"--{name}", out[name], {"loss": LOSSES, "optimizer": OPTIMIZERS,
+                                                "schedule": SCHEDULES}[name])
+    for name, (applies, why) in _APPLIES.items():
+        if not applies(out):
+            if name in given:
+                raise UsageError(f"--{name.replace('_', '-')} {given[name]}: {why}")
+            out[name] = None
+        else:
+            out[name] = given.get(name, recipe.get(name, OPTION_DEFAULTS[name]))
+    out["warmup_steps"] = given.get("warmup_steps", recipe.get("warmup_steps",
+                                                               OPTION_DEFAULTS["warmup_steps"]))
+    return out
 
 def memory_estimate(width: int, depth: int, n_points: int, dtype: str) -> int:
     """Bytes a full-batch training step needs, roughly: weights, gradients and updated
@@ -142,6 +263,8 @@ def validate(s: Settings) -> None:
     _check_choice("--preset", s.preset, PRESETS)
     _check_choice("--dtype", s.dtype, DTYPES)
     _check_int("--epochs", s.epochs, 1)
+    if s.epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs: at most {MAX_EPOCHS}, got {s.epochs}")
     _check_int("--n-points", s.n_points, 1)
     _check_int("--width", s.width, 1)
     _check_int("--depth", s.depth, 1)
@@ -165,7 +288,41 @@ def validate(s: Settings) -> None:
         raise UsageError(f"--full: expected a boolean, got {s.full!r}")
     if not isinstance(s.remat, bool):
         raise UsageError(f"--remat: expected a boolean, got {s.remat!r}")
+    _validate_training(s)
     if s.remat and s.loop in NO_REMAT:
         others = [loop for loop in LOOPS["torch"] if loop not in NO_REMAT]
         raise UsageError(f"--remat: --loop {s.loop} does not rematerialise (it keeps depth + 1 "
                          f"activation blocks); use {', '.join(others)}")
+
+
+def _check_number(name: str, value, low: float, high: float, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or value < low or value > high or (high_open and value == high):
+        raise UsageError(f"{name}: must be in [{low:g}, {high:g}{')' if high_open else ']'}, "
+                         f"got {value}")
+
+
+def _validate_training(s: Settings) -> None:
+    """The training options (see Settings): their ranges, and what goes together."""
+    if s.beta is not None:
+        _check_number("--beta", s.beta, 0.0, 1.0)
+    if s.momentum is not None:
+        _check_number("--momentum", s.momentum, 0.0, 1.0, high_open=True)
+    if s.nesterov is not None and not isinstance(s.nesterov, bool):
+        raise UsageError(f"--nesterov: expected a boolean, got {s.nesterov!r}")
+    if s.nesterov and not s.momentum:
+        raise UsageError("--nesterov: needs --momentum above 0 (Nesterov's step is a "
+                         "momentum step)")
+    if s.weight_decay is not None:
+        _check_number("--weight-decay", s.weight_decay, 0.0, 1.0)
+    _check_int("--warmup-steps", s.warmup_steps, 0)
+    if s.lr_end is not None:
+        _check_number("--lr-end", s.lr_end, 0.0, s.lr)
+    if s.batch_size is not None:
+        _check_int("--batch-size", s.batch_size, 1)
+    _check_int("--shuffle-seed", s.shuffle_seed, 0)
+    if s.shuffle_seed >= 2**63:
+        raise UsageError(f"--shuffle-seed: must be below 2**63, got {s.shuffle_seed}")
+    if s.full and s.loss == "mse":
+        raise UsageError("--full: adds the NLL's constant; --loss mse has none")
