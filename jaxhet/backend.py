@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from hetcore.backend import EngineOptions
-from hetcore.settings import Settings
+from hetcore.settings import OPTION_DEFAULTS, Settings
 from jaxhet.device import describe, memory_bytes, platform, resolve_device  # noqa: F401
 from jaxhet.device import enable_x64
 from jaxhet.engine import LOOPS, JaxEngine, loss_fn, predict_jit
@@ -24,7 +24,7 @@ from jaxhet.weights import put, to_state_dict
 
 NAME = "jax"  # the contract: hetcore.backend.Backend; the device functions come from device.py
 
-_loss_and_grad_jit = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4))
+_loss_and_grad_jit = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4, 5, 6))
 
 
 def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.ndarray]:
@@ -41,23 +41,29 @@ def _inputs(weights: dict, x: np.ndarray, device: str):
     return graphdef, params, dev
 
 
+def _beta(x: np.ndarray, beta: float | None):
+    return np.asarray(OPTION_DEFAULTS["beta"] if beta is None else beta, np.asarray(x).dtype)
+
+
 def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = False,
-            y: np.ndarray | None = None):
+            y: np.ndarray | None = None, loss: str = "nll", beta: float | None = None):
     """(mu, var, loss) as numpy for a state dict and inputs x (N, 1); loss needs y."""
     graphdef, params, dev = _inputs(weights, x, device)
     xs = jax.device_put(np.asarray(x), dev)
     ys = jax.device_put(np.asarray(x if y is None else y), dev)
-    mu, var, loss = predict_jit(graphdef, full, params, xs, ys)
-    return np.asarray(mu), np.asarray(var), (None if y is None else float(loss))
+    mu, var, value = predict_jit(graphdef, loss, full, params, xs, ys, _beta(x, beta))
+    return np.asarray(mu), np.asarray(var), (None if y is None else float(value))
 
 
 def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "auto",
-                  full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+                  full: bool = False, loss: str = "nll", beta: float | None = None
+                  ) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and the gradient of every parameter, gradients as a torch-layout state dict."""
     graphdef, params, dev = _inputs(weights, x, device)
-    loss, grads = _loss_and_grad_jit(params, graphdef, jax.device_put(x, dev),
-                                     jax.device_put(y, dev), full)
-    return float(loss), to_state_dict(grads)
+    value, grads = _loss_and_grad_jit(params, graphdef, jax.device_put(x, dev),
+                                      jax.device_put(y, dev), full, False, loss,
+                                      _beta(x, beta))
+    return float(value), to_state_dict(grads)
 
 
 def versions() -> dict:

@@ -1,18 +1,23 @@
 """The JAX engine: a run's epochs as jit-compiled programs; mirrors torchhet/engine.py.
 
-Loops, each a way to run the same SGD epoch:
+Loops, each a way to run the same epoch:
 - `scan`: a chunk of epochs is one compiled `lax.scan` (the default: one dispatch and one
-  host sync per chunk, weights donated so XLA updates them in place);
+  host sync per chunk, weights donated so XLA updates them in place); in a mini-batch run
+  each epoch is itself a scan over its batches, inside the same program, the epochs'
+  orders passed in with the chunk (no host round trip per batch);
 - `step`: one jit-compiled epoch per Python call, for comparison.
 
-A run is a pure function of (settings, data, initial weights): the compiled programs take
-weights, data and learning rate as arguments, so new values never recompile; only the
-architecture, dtype, point count, chunk length and the engine's options are compiled in.
+A run is a pure function of (settings, data, initial weights, batch orders): the compiled
+programs take weights, data, the epochs' orders and the optimiser's scalars (learning rate,
+its end value, momentum, weight decay, beta) as arguments, so new values never recompile;
+only the architecture, dtype, point count, batch size, loss, optimiser and schedule shape,
+chunk length and the engine's options are compiled in (EpochConfig).
 
 Failures are found inside the compiled loop. The carry is (params, opt_state, failed),
-`failed` the int32 index of the first epoch whose loss or update was not finite (-1 while
-there is none): from that epoch on the weights stay those of the last finite step and
-later epochs do nothing, so the host reads the failed epoch exactly with the chunk's
+`failed` the int32 index of the first update (counted over the run, batches per epoch
+times the epoch plus the batch) whose loss or result was not finite (-1 while there is
+none): from that update on the weights stay those of the last finite step and later
+updates do nothing, so the host reads the failed epoch and batch exactly with the chunk's
 losses, and never has to replay anything. The host reads chunk c-1 while chunk c runs
 (`in_flight = 2`): the copies of losses and `failed` in a chunk's output survive the
 carry's donation to the next chunk.
@@ -25,6 +30,7 @@ instead of keeping them; less memory, one more trunk forward.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +43,9 @@ from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
+from jaxhet import optim
 from jaxhet.device import describe, resolve_device
-from jaxhet.model import PRECISIONS, gaussian_nll
+from jaxhet.model import PRECISIONS, training_loss
 from jaxhet.weights import put, to_state_dict
 
 LOOPS = ALL_LOOPS["jax"]  # named once, in hetcore.settings
@@ -68,9 +75,31 @@ def _forward(model, x, remat: bool):
     return model.heads(h)
 
 
-def loss_fn(params, graphdef, x, y, full: bool, remat: bool = False):
+def loss_fn(params, graphdef, x, y, full: bool, remat: bool = False, loss: str = "nll",
+            beta=None):
+    """The training loss of the parameters on x, y (model.training_loss)."""
     mu, var = _forward(nnx.merge(graphdef, params), x, remat)
-    return gaussian_nll(mu, var, y, full)
+    return training_loss(loss, mu, var, y, full, beta)
+
+
+@dataclass(frozen=True)
+class EpochConfig:
+    """What a compiled epoch is built for (static: it keys the compiled programs)."""
+
+    loss: str
+    full: bool
+    remat: bool
+    opt: optim.OptConfig
+    n_points: int
+    batch: int  # points per batch; the last one of an epoch holds what is left
+    batches: int  # batches (updates) per epoch
+
+
+def epoch_config(settings: Settings, n_points: int) -> EpochConfig:
+    batch = n_points if settings.full_batch(n_points) else settings.batch_size
+    return EpochConfig(settings.loss, settings.full, settings.remat,
+                       optim.config(settings, n_points), n_points, batch,
+                       settings.batches(n_points))
 
 
 def new_carry(params, opt_state, device):
@@ -78,14 +107,15 @@ def new_carry(params, opt_state, device):
     return (params, opt_state, jax.device_put(jnp.asarray(-1, jnp.int32), device))
 
 
-def epoch(graphdef, full: bool, carry, x, y, lr, active, index, remat: bool = False):
-    """Epoch `index` of SGD; `active` false (masked tail) or an earlier failure leaves the
-    carry as is. `failed` becomes `index` at the first epoch whose loss or update is not
-    finite (see the module docstring)."""
+def update(graphdef, cfg: EpochConfig, carry, x, y, h, active, t):
+    """Update t (counted over the run) on the batch x, y; `active` false (a masked tail
+    epoch) or an earlier failure leaves the carry as is. `failed` becomes t at the first
+    update whose loss or result is not finite (see the module docstring)."""
     params, opt_state, failed = carry
     ok = failed < 0
-    tx = optax.sgd(lr)
-    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, full, remat)
+    tx = optim.transform(cfg.opt, h)
+    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, cfg.full, cfg.remat,
+                                              cfg.loss, h["beta"])
     # torch rounds three times: the gradient, `grad * lr`, then `param - that`. The barriers
     # keep XLA from folding lr into the gradient's matrix product (a GEMM's alpha) or the
     # product and the difference into one FMA, as a GPU backend may; a CPU does neither.
@@ -101,36 +131,66 @@ def epoch(graphdef, full: bool, carry, x, y, lr, active, index, remat: bool = Fa
     keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    failed = jnp.where(ok & active & ~finite, jnp.asarray(index, failed.dtype), failed)
-    return (params, opt_state, failed), (loss, failed)
+    failed = jnp.where(ok & active & ~finite, jnp.asarray(t, failed.dtype), failed)
+    return (params, opt_state, failed), loss
 
 
-def _scan_chunk(graphdef, length: int, full: bool, remat: bool, unroll: int, carry, x, y, lr,
+def epoch(graphdef, cfg: EpochConfig, carry, x, y, h, active, index, order=None):
+    """Epoch `index`: one update on every point, or (a mini-batch run) the points in
+    `order` in consecutive batches, one update each, the last batch shorter. Returns the
+    carry and (the epoch's loss, the carry's `failed`): the point-weighted mean of the
+    batches' losses, each taken before its own update."""
+    if cfg.batches == 1:
+        carry, loss = update(graphdef, cfg, carry, x, y, h, active, index)
+        return carry, (loss, carry[2])
+    b, n = cfg.batch, cfg.n_points
+    whole = n // b  # batches of b points; a shorter one after them if b does not divide n
+    xe, ye = x[order], y[order]  # the epoch's points in its order, gathered once
+    first_t = index * cfg.batches
+
+    def body(carry, part):
+        xb, yb, k = part
+        return update(graphdef, cfg, carry, xb, yb, h, active, first_t + k)
+
+    carry, losses = jax.lax.scan(
+        body, carry, (xe[:whole * b].reshape(whole, b, 1), ye[:whole * b].reshape(whole, b, 1),
+                      jnp.arange(whole, dtype=jnp.int32)))
+    total = jnp.sum(losses) * b
+    if n > whole * b:
+        carry, last = update(graphdef, cfg, carry, xe[whole * b:], ye[whole * b:], h, active,
+                             first_t + whole)
+        total = total + last * (n - whole * b)
+    return carry, (total / n, carry[2])
+
+
+def _scan_chunk(graphdef, length: int, cfg: EpochConfig, unroll: int, carry, x, y, h, orders,
                 n_active, start):
     """`length` epochs from epoch `start` as one lax.scan; those from `n_active` on are
-    masked."""
+    masked. `orders`: (length, N) each epoch's order (None: full batch)."""
 
-    def body(carry, i):
-        return epoch(graphdef, full, carry, x, y, lr, i < n_active, start + i, remat)
+    def body(carry, part):
+        i, order = part
+        return epoch(graphdef, cfg, carry, x, y, h, i < n_active, start + i, order)
 
-    return jax.lax.scan(body, carry, jnp.arange(length, dtype=jnp.int32), unroll=unroll)
+    return jax.lax.scan(body, carry, (jnp.arange(length, dtype=jnp.int32), orders),
+                        unroll=unroll)
 
 
-def _step(graphdef, full: bool, remat: bool, carry, x, y, lr, active, index):
+def _step(graphdef, cfg: EpochConfig, carry, x, y, h, active, index, order):
     """One epoch; also returns the next epoch's index, so that the host feeds the device
     its own counter back instead of sending a scalar every epoch."""
-    carry, out = epoch(graphdef, full, carry, x, y, lr, active, index, remat)
+    carry, out = epoch(graphdef, cfg, carry, x, y, h, active, index, order)
     return carry, out, index + 1
 
 
-def _predict(graphdef, full: bool, params, x, y):
+def _predict(graphdef, loss: str, full: bool, params, x, y, beta):
     mu, var = nnx.merge(graphdef, params)(x)
-    return mu, var, gaussian_nll(mu, var, y, full)
+    return mu, var, training_loss(loss, mu, var, y, full, beta)
 
 
-_scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
-_step_jit = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
-predict_jit = jax.jit(_predict, static_argnums=(0, 1))
+_scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+_step_jit = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(2,))
+predict_jit = jax.jit(_predict, static_argnums=(0, 1, 2))
 
 _compiled: dict = {}
 
@@ -146,35 +206,42 @@ def compile_once(fn, key, *args):
     return _compiled[key]
 
 
-def make_runner(loop: str, graphdef, full: bool, length: int, carry, x, y, lr, device,
-                remat: bool = False, unroll: int = 1):
-    """(runner, compiled program) for `loop`: `runner(carry, n, start) -> (carry, losses,
-    failed)` runs the n epochs from epoch `start`; `losses` and `failed` are device arrays
-    whose first n entries are the chunk's losses and, after each epoch, the carry's
-    `failed`. Nothing is read back to the host."""
-    sig = signature((carry, x, y, lr))
+def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y, h, device,
+                unroll: int = 1):
+    """(runner, compiled program) for `loop`: `runner(carry, n, start, orders) -> (carry,
+    losses, failed)` runs the n epochs from epoch `start` (orders: their (n, N) orders, or
+    None for full batches); `losses` and `failed` are device arrays whose first n entries
+    are the chunk's losses and, after each epoch, the carry's `failed`. Nothing is read
+    back to the host."""
+    sig = signature((carry, x, y, h))
     i32 = np.int32  # a strongly typed scalar: the compiled programs take int32
+    batched = cfg.batches > 1
     if loop == "scan":
         unroll = max(1, min(unroll, length))
-        key = ("scan", graphdef, length, full, remat, unroll, sig, device)
-        chunk = compile_once(_scan_jit, key, graphdef, length, full, remat, unroll, carry, x,
-                             y, lr, i32(length), i32(0))
+        key = ("scan", graphdef, length, cfg, unroll, sig, device)
+        example = np.zeros((length, cfg.n_points), np.int32) if batched else None
+        chunk = compile_once(_scan_jit, key, graphdef, length, cfg, unroll, carry, x, y, h,
+                             example, i32(length), i32(0))
 
-        def runner(carry, n, start):
-            carry, (losses, failed) = chunk(carry, x, y, lr, i32(n), i32(start))
+        def runner(carry, n, start, orders=None):
+            if batched:  # the masked tail's epochs take the chunk's last order again
+                orders = np.concatenate([orders, np.repeat(orders[-1:], length - n, 0)])
+            carry, (losses, failed) = chunk(carry, x, y, h, orders, i32(n), i32(start))
             return carry, losses, failed
 
         return runner, chunk
     on = jax.device_put(jnp.asarray(True), device)
-    key = ("step", graphdef, full, remat, sig, device)
-    step = compile_once(_step_jit, key, graphdef, full, remat, carry, x, y, lr, on,
-                        jax.device_put(i32(0), device))
+    key = ("step", graphdef, cfg, sig, device)
+    example = np.zeros(cfg.n_points, np.int32) if batched else None
+    step = compile_once(_step_jit, key, graphdef, cfg, carry, x, y, h, on,
+                        jax.device_put(i32(0), device), example)
 
-    def runner(carry, n, start):
+    def runner(carry, n, start, orders=None):
         out = []
         index = jax.device_put(i32(start), device)  # one transfer per chunk
-        for _ in range(n):
-            carry, loss_failed, index = step(carry, x, y, lr, on, index)
+        for i in range(n):
+            carry, loss_failed, index = step(carry, x, y, h, on, index,
+                                             orders[i] if batched else None)
             out.append(loss_failed)
         losses, failed = (jnp.stack(v) for v in zip(*out))
         return carry, losses, failed
@@ -196,13 +263,16 @@ class JaxEngine:
         if options.unroll != 1 and self.loop != "scan":
             raise UsageError(f"unroll {options.unroll}: only the jax scan loop unrolls, not "
                              f"{self.loop}")
-        dtype, self.full = settings.dtype, settings.full
+        dtype = settings.dtype
         dev = resolve_device(settings.device)
         self.device = describe(dev)
         t0 = time.perf_counter()
         self.graphdef, params = put(weights, dtype, dev, PRECISIONS[options.matmul_precision],
                                     settings.width, settings.depth)
-        opt_state = optax.sgd(settings.lr).init(params)
+        self.cfg = epoch_config(settings, x.shape[0])
+        self.h = jax.device_put({**optim.hyper(settings, dtype),
+                                 "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
+        opt_state = optim.transform(self.cfg.opt, self.h).init(params)
         if optimizer is not None:
             leaves, tree = jax.tree.flatten(opt_state)
             if len(optimizer) != len(leaves):
@@ -212,29 +282,31 @@ class JaxEngine:
                 jax.tree.unflatten(tree, [optimizer[str(i)] for i in range(len(leaves))]), dev)
         self.carry = new_carry(params, opt_state, dev)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
-        lr = jax.device_put(jnp.asarray(settings.lr, dtype=dtype), dev)
         length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
-        self.runner, self.compiled = make_runner(
-            self.loop, self.graphdef, self.full, length, self.carry, self.x, self.y, lr, dev,
-            settings.remat, options.unroll)
-        key = ("predict", self.graphdef, self.full, signature((params, self.x, self.y)), dev)
-        self.predict = compile_once(predict_jit, key, self.graphdef, self.full, params,
-                                    self.x, self.y)
+        self.runner, self.compiled = make_runner(self.loop, self.graphdef, self.cfg, length,
+                                                 self.carry, self.x, self.y, self.h, dev,
+                                                 options.unroll)
+        key = ("predict", self.graphdef, self.cfg.loss, self.cfg.full,
+               signature((params, self.x, self.y, self.h)), dev)
+        self.predict = compile_once(predict_jit, key, self.graphdef, self.cfg.loss,
+                                    self.cfg.full, params, self.x, self.y, self.h["beta"])
         self.compile_s = time.perf_counter() - t0
 
-    def launch(self, start: int, count: int):
-        self.carry, losses, failed = self.runner(self.carry, count, start)
+    def launch(self, start: int, count: int, orders=None):
+        self.carry, losses, failed = self.runner(self.carry, count, start, orders)
         return start, count, losses, failed
 
     def read(self, handle) -> Chunk:
-        """A failed epoch whose loss is finite had its update refused for making the
-        weights non-finite; the weights stayed finite, so no later loss is non-finite."""
+        """The carry's `failed` names the update; an update whose loss was finite (the
+        epoch's loss then is too) was refused for making the weights non-finite, and the
+        weights stayed finite, so no later loss is non-finite."""
         start, count, losses, failed = handle
-        chunk = Chunk.from_losses(start, np.asarray(losses)[:count])
-        last_failed = int(np.asarray(failed)[count - 1])
-        if chunk.failed is None and last_failed >= 0:
-            return Chunk(chunk.losses, last_failed, update_failed=True)
-        return chunk
+        losses = np.asarray(losses)[:count]
+        t = int(np.asarray(failed)[count - 1])
+        if t < 0:
+            return Chunk(losses)
+        e, batch = divmod(t, self.cfg.batches)
+        return Chunk(losses, e, bool(np.isfinite(losses[e - start])), batch)
 
     def state(self):
         params, opt_state, _ = self.carry
@@ -246,6 +318,6 @@ class JaxEngine:
 
     def finish(self) -> Final:
         params = self.carry[0]
-        mu, var, loss = self.predict(params, self.x, self.y)
+        mu, var, loss = self.predict(params, self.x, self.y, self.h["beta"])
         return Final(to_state_dict(params), np.asarray(mu)[:, 0], np.asarray(var)[:, 0],
                      float(loss))

@@ -11,7 +11,7 @@ from hetcore.backend import EngineOptions
 from hetcore.settings import Settings
 from hetcore.timing import timed
 from jaxhet.device import enable_x64, resolve_device
-from jaxhet.engine import JaxEngine, _step, loss_fn, new_carry
+from jaxhet.engine import JaxEngine, _step, loss_fn
 from jaxhet.model import PRECISION
 from jaxhet.weights import put
 
@@ -80,14 +80,11 @@ def _cost(compiled) -> dict:
 def epoch_flops(settings: Settings, x, y, weights) -> float:
     """Floating-point operations of one epoch as XLA's cost analysis of the compiled step
     counts them (matrix products and element-wise work)."""
-    dev = resolve_device(settings.device)
-    graphdef, params = put(weights, settings.dtype, dev)
-    import optax
-
-    carry = new_carry(params, optax.sgd(settings.lr).init(params), dev)
-    lr = jnp.asarray(settings.lr, dtype=settings.dtype)
-    compiled = jax.jit(_step, static_argnums=(0, 1, 2)).lower(
-        graphdef, settings.full, False, carry, x, y, lr, jnp.asarray(True), np.int32(0)).compile()
+    e = JaxEngine(settings.replace(loop="step"), x, y, weights)
+    order = np.zeros(len(x), np.int32) if e.cfg.batches > 1 else None
+    compiled = jax.jit(_step, static_argnums=(0, 1)).lower(
+        e.graphdef, e.cfg, e.carry, e.x, e.y, e.h, jnp.asarray(True), np.int32(0),
+        order).compile()
     return float(_cost(compiled).get("flops", float("nan")))
 
 
@@ -110,8 +107,9 @@ def activation_bytes(settings: Settings, x, y, weights) -> int:
     dev = resolve_device(settings.device)
     graphdef, params = put(weights, settings.dtype, dev)
     x, y = jax.device_put(x, dev), jax.device_put(y, dev)
-    _, vjp = jax.vjp(lambda p: loss_fn(p, graphdef, x, y, settings.full, settings.remat),
-                     params)
+    beta = np.asarray(settings.beta or 0.0, settings.dtype)
+    _, vjp = jax.vjp(lambda p: loss_fn(p, graphdef, x, y, settings.full, settings.remat,
+                                       settings.loss, beta), params)
 
     def where(a):
         try:

@@ -93,3 +93,22 @@ def gaussian_nll(mu: jax.Array, var: jax.Array, target: jax.Array, full: bool = 
     if full:
         loss = loss + 0.5 * math.log(2 * math.pi)
     return loss
+
+
+def point_nll(mu: jax.Array, var: jax.Array, target: jax.Array, full: bool = False) -> jax.Array:
+    """Each point's NLL, log(var)/2 + (target - mu)**2 / (2 var) (+ 0.5*log(2*pi))."""
+    nll = jnp.log(var) / 2 + (target - mu) ** 2 / (2 * var)
+    return nll + 0.5 * math.log(2 * math.pi) if full else nll
+
+
+def training_loss(loss: str, mu: jax.Array, var: jax.Array, target: jax.Array,
+                  full: bool = False, beta=None) -> jax.Array:
+    """The loss a run trains on (hetcore.settings.LOSSES): nll, the lecture's; beta-nll
+    (Seitzer et al., 2022), the mean of stop_gradient(var)**beta times each point's NLL
+    (beta 0 is the NLL, the weight being exactly 1); mse, the mean of (target - mu)**2,
+    which gives the variance head no gradient."""
+    if loss == "nll":
+        return gaussian_nll(mu, var, target, full)
+    if loss == "beta-nll":
+        return jnp.mean(jax.lax.stop_gradient(var) ** beta * point_nll(mu, var, target, full))
+    return jnp.mean((target - mu) ** 2)

@@ -13,11 +13,11 @@ import torch
 
 from hetcore.backend import EngineOptions
 from hetcore.interchange import init_bound
-from hetcore.settings import Settings
+from hetcore.settings import OPTION_DEFAULTS, Settings
 from torchhet.device import describe, memory_bytes, platform, resolve_device  # noqa: F401
 from torchhet.device import matmul_precision, to_device
 from torchhet.engine import LOOPS, TorchEngine
-from torchhet.model import HeteroscedasticMLP, gaussian_nll
+from torchhet.model import HeteroscedasticMLP, training_loss
 from torchhet.weights import DTYPES, put, to_state_dict
 
 NAME = "torch"  # the contract: hetcore.backend.Backend; the device functions come from device.py
@@ -39,28 +39,37 @@ def init_weights(width: int, depth: int, dtype: str, seed: int) -> dict[str, np.
     return to_state_dict(model)
 
 
+def _beta(beta: float | None) -> float:
+    return OPTION_DEFAULTS["beta"] if beta is None else beta
+
+
 def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = False,
-            y: np.ndarray | None = None):
+            y: np.ndarray | None = None, loss: str = "nll", beta: float | None = None):
     """(mu, var, loss) as numpy for a state dict and inputs x (N, 1); loss needs y."""
     dev = resolve_device(device)
     model = put(weights, str(np.asarray(x).dtype), dev)
     with torch.no_grad(), matmul_precision("highest"):
         mu, var = model(to_device(x, dev))
-        loss = None if y is None else float(gaussian_nll(mu, var, to_device(y, dev), full))
-    return mu.cpu().numpy(), var.cpu().numpy(), loss
+        value = None if y is None else float(
+            training_loss(loss, mu, var, to_device(y, dev), full, _beta(beta)))
+    return mu.cpu().numpy(), var.cpu().numpy(), value
 
 
 def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "auto",
-                  full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
-    """Loss and the gradient of every parameter, gradients as a state dict."""
+                  full: bool = False, loss: str = "nll", beta: float | None = None
+                  ) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and the gradient of every parameter, gradients as a state dict (a parameter
+    the loss does not reach, an MSE run's variance head: zeros)."""
     dev = resolve_device(device)
     model = put(weights, str(np.asarray(x).dtype), dev)
     with matmul_precision("highest"):
         mu, var = model(to_device(x, dev))
-        loss = gaussian_nll(mu, var, to_device(y, dev), full)
-        loss.backward()
-    grads = {n: p.grad.detach().cpu().numpy().copy() for n, p in model.named_parameters()}
-    return float(loss.detach()), grads
+        value = training_loss(loss, mu, var, to_device(y, dev), full, _beta(beta))
+        value.backward()
+    grads = {n: (np.zeros(tuple(p.shape), str(np.asarray(x).dtype)) if p.grad is None
+                 else p.grad.detach().cpu().numpy().copy())
+             for n, p in model.named_parameters()}
+    return float(value.detach()), grads
 
 
 def versions() -> dict:

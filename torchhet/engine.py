@@ -30,19 +30,22 @@ them; less memory, one more trunk forward.
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from hetcore.backend import Chunk, EngineOptions, Final
 from hetcore.errors import UsageError
-from hetcore.schedule import chunk_length, remat_segments
+from hetcore.schedule import batch_sizes, chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
-from torchhet import handgrad
+from torchhet import handgrad, optim
 from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
-from torchhet.model import gaussian_nll
+from torchhet.model import training_loss
 from torchhet.weights import DTYPES, put, to_state_dict
 
 LOOPS = ALL_LOOPS["torch"]  # named once, in hetcore.settings
@@ -56,22 +59,39 @@ WARMUP_STEPS = 3  # CUDA graph capture wants a few steps on a side stream first
 # a second on first use (torch.optim imports torch._dynamo) for no per-epoch gain at 8
 # parameters. CUDA (chosen by reasoning, not yet measured): an epoch is a few dozen tiny
 # kernels, so launch overhead dominates, and one graph replay per epoch, captured in
-# milliseconds, finishes first.
+# milliseconds, finishes first. Where a loop does not do what the settings ask (the
+# lecture's update alone, full batches alone), the next one that does.
 
 
-def default_loop(device_type: str, remat: bool = False) -> str:
-    """The loop that finishes a run soonest, warm-up included, on this device type (the
-    same at every run length on the devices measured); with `remat`, the soonest of those
-    that rematerialise."""
-    if device_type == "cuda":
-        return "cudagraph"
-    if device_type == "cpu" and not remat:
-        return "no-autograd"
-    return "eager"
+def unsupported(loop: str, settings: Settings, n_points: int) -> str | None:
+    """Why `loop` cannot run these settings, or None. no-autograd writes out the lecture's
+    epoch (full-batch plain SGD on the NLL); the CUDA graphs capture one full-batch epoch
+    with its learning rate; eager is the lecture's update, plain SGD (its learning rate may
+    follow a schedule); optim and compile take every optimiser and batch size."""
+    full = settings.full_batch(n_points)
+    plain = settings.optimizer == "sgd" and not settings.momentum
+    if loop == "no-autograd" and not (settings.plain_sgd and full and settings.loss == "nll"):
+        return ("writes out the lecture's epoch alone: full-batch SGD without momentum or "
+                "schedule on --loss nll")
+    if loop in CUDA_ONLY and not (settings.plain_sgd and full):
+        return "captures one full-batch epoch of plain SGD at a constant learning rate"
+    if loop == "eager" and not plain:
+        return "is the lecture's update, plain SGD without momentum"
+    return None
 
 
-def forward_loss(model, x, y, full: bool, remat: bool = False) -> torch.Tensor:
-    """The epoch's forward pass and loss; `remat` checkpoints the trunk by segments."""
+def default_loop(device_type: str, settings: Settings, n_points: int) -> str:
+    """The loop that finishes a run soonest, warm-up included, among those that run the
+    settings (the same at every run length on the devices measured)."""
+    order = (("cudagraph",) if device_type == "cuda" else
+             () if settings.remat else ("no-autograd",)) + ("eager", "optim")
+    return next(loop for loop in order if unsupported(loop, settings, n_points) is None)
+
+
+def forward_loss(model, x, y, full: bool, remat: bool = False, loss: str = "nll",
+                 beta: float | None = None) -> torch.Tensor:
+    """The forward pass and training loss on a batch; `remat` checkpoints the trunk by
+    segments."""
     if remat:
         from torch.utils.checkpoint import checkpoint
 
@@ -84,18 +104,21 @@ def forward_loss(model, x, y, full: bool, remat: bool = False) -> torch.Tensor:
         mu, var = model.heads(h)
     else:
         mu, var = model(x)
-    return gaussian_nll(mu, var, y, full)
+    return training_loss(loss, mu, var, y, full, beta)
 
 
-def manual_step(model, x, y, lr: float, full: bool, remat: bool = False) -> torch.Tensor:
-    """The lecture's epoch: forward, backward, `param.data -= param.grad * lr`."""
+def manual_step(model, x, y, lr: float, full: bool, remat: bool = False, loss: str = "nll",
+                beta: float | None = None) -> torch.Tensor:
+    """The lecture's update: forward, backward, `param.data -= param.grad * lr` (a
+    parameter without a gradient, an MSE run's variance head, is left as it is)."""
     model.zero_grad()
-    loss = forward_loss(model, x, y, full, remat)
-    loss.backward()
+    value = forward_loss(model, x, y, full, remat, loss, beta)
+    value.backward()
     for param in model.parameters():
-        param.data -= param.grad * lr
+        if param.grad is not None:
+            param.data -= param.grad * lr
         param.grad = None
-    return loss.detach()
+    return value.detach()
 
 
 def _lecture_update(params: list, lr: float) -> None:
@@ -117,72 +140,117 @@ def _restore(model, saved: list[torch.Tensor]) -> None:
             p.copy_(s)
 
 
-def make_runner(loop: str, model, x, y, lr: float, full: bool, remat: bool = False):
-    """(runner, warm-up seconds) for `loop`; see the module docstring."""
+@dataclass
+class Runner:
+    """A loop, ready to run. step(xb, yb, t): update t (counted over the run) on one batch,
+    returning its loss on the device (None for the loops that only run full batches);
+    run(count, losses, start): `count` full-batch epochs from epoch `start`, their losses
+    written into the device tensor losses[:count]; opt: the torch.optim optimiser, if the
+    loop has one; warmup_s: compiling or capturing, before the first epoch."""
+
+    run: Callable
+    step: Callable | None = None
+    opt: torch.optim.Optimizer | None = None
+    warmup_s: float = 0.0
+
+
+def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None = None
+                ) -> Runner:
+    """The Runner of `loop` for these settings on the full data x, y; warm-up (compiling,
+    capturing) leaves the weights and the optimiser as they were, so that the first epoch
+    it runs is the run's epoch 0."""
+    n_points = x.shape[0] if n_points is None else n_points
     if loop not in LOOPS:
         raise UsageError(f"--loop {loop}: not available in torchhet; it has {', '.join(LOOPS)}")
     device = x.device
     if loop in CUDA_ONLY and device.type != "cuda":
         raise UsageError(f"--loop {loop}: needs a CUDA device; torch is on {device.type}")
+    why = unsupported(loop, settings, n_points)
+    if why:
+        raise UsageError(f"--loop {loop}: {why}; --loop optim (or auto) runs these settings")
+    lr, full, remat = settings.lr, settings.full, settings.remat
+    loss, beta = settings.loss, settings.beta
     if loop == "no-autograd":  # remat refused with the settings (hetcore.settings.NO_REMAT)
-        return handgrad.make_runner(model, x, y, lr, full), 0.0
+        epochs = handgrad.make_runner(model, x, y, lr, full)
+        return Runner(lambda count, losses, start: epochs(count, losses))
     params = list(model.parameters())
+    schedule = optim.Schedule(settings, n_points)
     t0 = time.perf_counter()
+    opt = None
 
     if loop == "eager":
-        def step():
-            return manual_step(model, x, y, lr, full, remat)
+        def step(xb, yb, t):
+            return manual_step(model, xb, yb, schedule(t), full, remat, loss, beta)
 
     elif loop == "optim":
-        fused = device.type == "cuda"
-        opt = torch.optim.SGD(params, lr=lr, foreach=not fused, fused=fused or None)
+        opt = optim.make(settings, params, device)
 
-        def step():
+        def step(xb, yb, t):
             opt.zero_grad(set_to_none=True)
-            loss = forward_loss(model, x, y, full, remat)
-            loss.backward()
+            value = forward_loss(model, xb, yb, full, remat, loss, beta)
+            value.backward()
+            schedule.set(opt, t)
             opt.step()
-            return loss.detach()
+            return value.detach()
 
     elif loop in ("compile", "reduce-overhead"):
         mode = "reduce-overhead" if loop == "reduce-overhead" else None
         _allow_recompiles()
         compiled = torch.compile(
-            lambda xs, ys: forward_loss(model, xs, ys, full, remat), mode=mode, dynamic=False
-        )
+            lambda xs, ys: forward_loss(model, xs, ys, full, remat, loss, beta), mode=mode,
+            dynamic=False)
         graphs = loop == "reduce-overhead"
+        opt = None if settings.plain_sgd else optim.make(settings, params, device)
 
-        def step():
+        def step(xb, yb, t):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             for p in params:
                 p.grad = None
-            loss = compiled(x, y)
-            loss.backward()
-            _lecture_update(params, lr)
-            return loss.detach()
+            value = compiled(xb, yb)
+            value.backward()
+            if opt is None:
+                _lecture_update([p for p in params if p.grad is not None], schedule(t))
+            else:
+                schedule.set(opt, t)
+                opt.step()
+            return value.detach()
 
-        # Compile (and record the graphs) on the run's own tensors, then put the weights
-        # back: the runner's first epoch starts from the initial weights.
-        saved = _snapshot(model)
-        for _ in range(WARMUP_STEPS if graphs else 2):
-            step()
-        sync(device)
-        _restore(model, saved)
+        # Compile (and record the graphs) for each batch shape on the run's own tensors,
+        # forward and backward only: the weights and the optimiser stay as they were.
+        sizes = sorted(set(batch_sizes(n_points, None if settings.full_batch(n_points)
+                                       else settings.batch_size)))
+        for size in sizes:
+            for _ in range(WARMUP_STEPS if graphs else 2):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                compiled(x[:size], y[:size]).backward()
         for p in params:
             p.grad = None
 
     else:  # cudagraph
-        step = _capture(model, params, x, y, lr, full, remat)
+        step = _capture(model, params, x, y, lr, full, remat, loss, beta)
+        sync(device)
+        return _full_batch(step, warmup_s=time.perf_counter() - t0)
 
     sync(device)
     warmup_s = time.perf_counter() - t0
 
-    def runner(n: int, losses: torch.Tensor) -> None:
-        for i in range(n):
+    def run(count: int, losses: torch.Tensor, start: int) -> None:
+        for i in range(count):
+            losses[i] = step(x, y, start + i)
+
+    if loop == "reduce-overhead":  # full batches alone (see unsupported)
+        return Runner(run, None, opt, warmup_s)
+    return Runner(run, step, opt, warmup_s)
+
+
+def _full_batch(step: Callable, warmup_s: float) -> Runner:
+    def run(count: int, losses: torch.Tensor, start: int) -> None:
+        for i in range(count):
             losses[i] = step()
 
-    return runner, warmup_s
+    return Runner(run, None, None, warmup_s)
 
 
 def _allow_recompiles(limit: int = 256) -> None:
@@ -195,7 +263,7 @@ def _allow_recompiles(limit: int = 256) -> None:
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
 
 
-def _capture(model, params, x, y, lr, full, remat):
+def _capture(model, params, x, y, lr, full, remat, loss="nll", beta=None):
     """One CUDA graph of forward, backward and update (PyTorch's whole-network capture
     recipe); returns a step that replays it and hands back its loss."""
     saved = _snapshot(model)
@@ -205,16 +273,16 @@ def _capture(model, params, x, y, lr, full, remat):
         for _ in range(WARMUP_STEPS):
             for p in params:
                 p.grad = None
-            forward_loss(model, x, y, full, remat).backward()
-            _lecture_update(params, lr)
+            forward_loss(model, x, y, full, remat, loss, beta).backward()
+            _lecture_update([p for p in params if p.grad is not None], lr)
     torch.cuda.current_stream(x.device).wait_stream(side)
     for p in params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = forward_loss(model, x, y, full, remat)
+        static_loss = forward_loss(model, x, y, full, remat, loss, beta)
         static_loss.backward()  # grads land in the graph's pool, refilled on every replay
-        _lecture_update(params, lr)
+        _lecture_update([p for p in params if p.grad is not None], lr)
     _restore(model, saved)  # capture records without running; the warm-up steps ran
 
     def step():
@@ -239,58 +307,112 @@ class TorchEngine:
         if options.unroll != 1:
             raise UsageError(f"unroll {options.unroll}: torch's loops do not unroll (jax scan "
                              "does)")
-        # Every loop is plain SGD without momentum: there is no optimiser state to restore.
-        if optimizer:
-            raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
-                             "expected none (plain SGD)")
         dev = resolve_device(settings.device)
+        n = x.shape[0]
         self.device, self._dev = describe(dev), dev
-        self.precision, self.full = options.matmul_precision, settings.full
-        self.loop = (default_loop(dev.type, settings.remat) if settings.loop == "auto"
+        self.precision, self.settings = options.matmul_precision, settings
+        self.loop = (default_loop(dev.type, settings, n) if settings.loop == "auto"
                      else settings.loop)
         self.model = put(weights, settings.dtype, dev, settings.width, settings.depth)
+        self.names = [name for name, _ in self.model.named_parameters()]
         self.params = list(self.model.parameters())
         self.x, self.y = to_device(x, dev), to_device(y, dev)
         with matmul_precision(self.precision):
-            self.runner, self.compile_s = make_runner(self.loop, self.model, self.x, self.y,
-                                                      settings.lr, settings.full,
-                                                      settings.remat)
+            self.runner = make_runner(self.loop, self.model, self.x, self.y, settings, n)
+        self.compile_s = self.runner.warmup_s
+        if optimizer:
+            if self.runner.opt is None:
+                raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
+                                 f"expected none (plain SGD, --loop {self.loop})")
+            try:
+                optim.load(self.runner.opt, self.names, optimizer, dev)
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise UsageError(f"--resume: optimizer state does not fit --optimizer "
+                                 f"{settings.optimizer} ({e})") from None
+        self.sizes = batch_sizes(n, None if settings.full_batch(n) else settings.batch_size)
         length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
         self.losses = torch.empty(length, dtype=DTYPES[settings.dtype], device=dev)
 
-    def launch(self, start: int, count: int):
-        before = [p.detach().clone() for p in self.params]  # to replay a chunk that went bad
+    def _epoch(self, order: np.ndarray, e: int, check=None) -> torch.Tensor:
+        """Epoch e of a mini-batch run: the points in `order`, batch by batch, one update
+        each; returns the point-weighted mean of the batches' losses. check(b, loss), if
+        given, is called after every update (a replay's)."""
+        idx = torch.from_numpy(np.asarray(order, np.int64)).to(self._dev)
+        xe, ye = self.x.index_select(0, idx), self.y.index_select(0, idx)  # gathered once
+        whole, t, start, total, last = self.sizes[0], e * len(self.sizes), 0, 0.0, None
+        for b, size in enumerate(self.sizes):
+            value = self.runner.step(xe[start:start + size], ye[start:start + size], t + b)
+            if check is not None:
+                check(b, value)
+            if size == whole:
+                total = total + value
+            else:
+                last = value * size
+            start += size
+        total = total * whole  # as jaxhet sums them: the whole batches, then the last
+        return (total if last is None else total + last) / start
+
+    def _chunk(self, start: int, count: int, orders) -> None:
+        if orders is None:
+            self.runner.run(count, self.losses, start)
+        else:
+            for i in range(count):
+                self.losses[i] = self._epoch(orders[i], start + i)
+
+    def launch(self, start: int, count: int, orders=None):
+        # what a replay of a chunk that went bad starts from: weights and optimiser state
+        before = ([p.detach().clone() for p in self.params],
+                  None if self.runner.opt is None else
+                  copy.deepcopy(self.runner.opt.state_dict()))
         with matmul_precision(self.precision):
-            self.runner(count, self.losses)  # losses stay on the device until read
-        return start, count, before
+            self._chunk(start, count, orders)  # losses stay on the device until read
+        return start, count, orders, before
 
     def read(self, handle) -> Chunk:
-        start, count, before = handle
+        start, count, orders, before = handle
         # A copy: on a CPU .numpy() shares the losses' memory, which a replay writes again.
         chunk = Chunk.from_losses(start, self.losses[:count].cpu().numpy().copy())
         if chunk.failed is None and _finite(self.params):
             return chunk
-        # Replay the chunk epoch by epoch (deterministic) to name what failed first: a
-        # non-finite loss, or an update that made the weights non-finite while its loss was
-        # finite (the next loss is then nan).
-        bad = None if chunk.failed is None else chunk.failed - start
+        return self._replay(start, count, orders, before, chunk)
+
+    def _replay(self, start, count, orders, before, chunk) -> Chunk:
+        """Replay the chunk update by update (the loops are deterministic) to name what
+        failed first: a non-finite loss, or an update that made the weights non-finite
+        while its loss was finite (the next loss is then nan)."""
+        params, opt_state = before
         with torch.no_grad():
-            for p, b in zip(self.params, before):
+            for p, b in zip(self.params, params):
                 p.copy_(b)
+        if opt_state is not None:
+            self.runner.opt.load_state_dict(opt_state)
+
+        class Failed(Exception):
+            def __init__(self, batch, update):
+                self.batch, self.update = batch, update
+
+        def check(b, value):
+            if not torch.isfinite(value):
+                raise Failed(b, False)
+            if not _finite(self.params):
+                raise Failed(b, True)
+
         with matmul_precision(self.precision):
-            for i in range(count if bad is None else bad + 1):
-                self.runner(1, self.losses)
-                if not np.isfinite(chunk.losses[i]):
-                    break
-                if not _finite(self.params):
-                    return Chunk(chunk.losses, start + i, update_failed=True)
-        if bad is None:  # the replay stayed finite (a nondeterministic device): the weights
-            # were non-finite by the chunk's end, which is all that is known
-            return Chunk(chunk.losses, start + count - 1, update_failed=True)
-        return chunk
+            for i in range(count):
+                try:
+                    if orders is None:
+                        self.runner.run(1, self.losses, start + i)
+                        check(0, self.losses[0])
+                    else:
+                        self._epoch(orders[i], start + i, check)
+                except Failed as f:
+                    return Chunk(chunk.losses, start + i, f.update, f.batch)
+        # the replay stayed finite (a nondeterministic device): the weights were non-finite
+        # by the chunk's end, which is all that is known
+        return Chunk(chunk.losses, start + count - 1, True, len(self.sizes) - 1)
 
     def state(self):
-        return to_state_dict(self.model), {}
+        return to_state_dict(self.model), optim.state(self.runner.opt, self.names)
 
     def wait(self) -> None:
         sync(self._dev)
@@ -299,8 +421,9 @@ class TorchEngine:
         # The loop's own buffers (no-autograd keeps depth + 1 (N, width) blocks, CUDA graphs
         # a pool) go before the final forward pass allocates its own: not both at the peak.
         self.runner = None
+        s = self.settings
         with torch.no_grad(), matmul_precision(self.precision):
             mu, var = self.model(self.x)
-            loss = gaussian_nll(mu, var, self.y, self.full)
+            value = training_loss(s.loss, mu, var, self.y, s.full, s.beta)
         return Final(to_state_dict(self.model), mu[:, 0].cpu().numpy(),
-                     var[:, 0].cpu().numpy(), float(loss))
+                     var[:, 0].cpu().numpy(), float(value))

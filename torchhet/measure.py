@@ -82,7 +82,7 @@ def activation_bytes(settings: Settings, x, y, weights) -> int:
     dev = resolve_device(settings.device)
     model = put(weights, settings.dtype, dev, settings.width, settings.depth)
     xs, ys = to_device(x, dev), to_device(y, dev)
-    loop = default_loop(dev.type, settings.remat) if settings.loop == "auto" else settings.loop
+    loop = default_loop(dev.type, settings, len(x)) if settings.loop == "auto" else settings.loop
     if loop == "no-autograd":
         return handgrad.activation_bytes(model, xs)
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -96,7 +96,8 @@ def activation_bytes(settings: Settings, x, y, weights) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward_loss(model, xs, ys, settings.full, settings.remat)
+        loss = forward_loss(model, xs, ys, settings.full, settings.remat, settings.loss,
+                            settings.beta)
     total = sum(seen.values())
     del loss
     return total

@@ -50,3 +50,23 @@ def gaussian_nll(mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor,
     if full:
         loss = loss + 0.5 * math.log(2 * math.pi)
     return loss
+
+
+def point_nll(mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor,
+              full: bool = False) -> torch.Tensor:
+    """Each point's NLL, log(var)/2 + (target - mu)**2 / (2 var) (+ 0.5*log(2*pi))."""
+    nll = torch.log(var) / 2 + (target - mu) ** 2 / (2 * var)
+    return nll + 0.5 * math.log(2 * math.pi) if full else nll
+
+
+def training_loss(loss: str, mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor,
+                  full: bool = False, beta: float | None = None) -> torch.Tensor:
+    """The loss a run trains on (hetcore.settings.LOSSES): nll, the lecture's; beta-nll
+    (Seitzer et al., 2022), the mean of var.detach()**beta times each point's NLL (beta 0
+    is the NLL, the weight being exactly 1); mse, the mean of (target - mu)**2, which
+    gives the variance head no gradient."""
+    if loss == "nll":
+        return gaussian_nll(mu, var, target, full)
+    if loss == "beta-nll":
+        return (var.detach() ** beta * point_nll(mu, var, target, full)).mean()
+    return ((target - mu) ** 2).mean()
