@@ -74,16 +74,16 @@ def test_unroll_list_times_scan_at_each(tmp_path, capsys):
     report = json.loads((out / "bench.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["jax:scan", "jax:scan+unroll3", "jax:step"]
     # each scan variant ran (and its memory was planned) with its own unroll
-    assert {k[5] for k in engine._compiled if k[0] == "scan"} == {1, 3}
+    assert {k[4] for k in engine._compiled if k[0] == "scan"} == {1, 3}  # key: make_runner
     assert report["agreement"]["ok"]
 
 
 def _broken(scale):
     """A torch variant that is wrong in a way speed would not show: a scaled learning rate."""
 
-    def trial(w, x, y, lr, full, epochs, chunk):
+    def trial(w, x, y, settings):
         fw = variants.Framework.load("torch", "cpu")
-        return variants.trial(fw, "optim")(w, x, y, lr * scale, full, epochs, chunk)
+        return variants.trial(fw, "optim")(w, x, y, settings.replace(lr=settings.lr * scale))
 
     return trial
 
@@ -221,7 +221,9 @@ def test_torch_cpu_memory_estimate_where_nothing_can_be_measured(loop, blocks, m
     n, width = 50, 8
     x, y, w, _ = references.synthetic_workload(n, width, 2)
     v = variants.variant(variants.Framework.load("torch", "cpu"), loop)
-    out = memory.variant_memory(v, w, x, y, 1e-3, False, 5, 3)
+    from hetcore.settings import Settings
+
+    out = memory.variant_memory(v, w, x, y, Settings(epochs=3, chunk_epochs=5))
     params = sum(a.size for a in w.values()) * 4
     held = 2 * params + 2 * n * 4 + out["activation_bytes"]
     assert out["peak_bytes"] == held + blocks * n * width * 4
@@ -247,7 +249,9 @@ def test_repeats_alternate_between_the_frameworks(monkeypatch):
         return variants.Variant(name, fw, name, trial)
 
     vs = [variant("a", "jax"), variant("b", "jax"), variant("c", "torch")]
-    rows = timing.time_variants(vs, None, None, None, 0.1, False, 3, 3, 3, lambda m: None)
+    from hetcore.settings import Settings
+
+    rows = timing.time_variants(vs, None, None, None, Settings(epochs=3), 3, lambda m: None)
     assert calls == ["a", "b", "c"] * 3
     assert [at for at, _ in pauses] == [2, 3, 5, 6, 8]  # at each change of framework
     assert all(len(r["seconds"]) == 3 for r in rows)
@@ -271,13 +275,15 @@ def test_the_tf32_option_is_the_runs_own(monkeypatch, small_state, small_data):
     seen, real = [], torchhet.engine.make_runner
 
     def make_runner(*args, **kwargs):
-        runner, warm = real(*args, **kwargs)
+        runner = real(*args, **kwargs)
+        inner = runner.run
 
-        def recorded(n, losses):
+        def recorded(n, losses, start):
             seen.append(torch.get_float32_matmul_precision())
-            runner(n, losses)
+            inner(n, losses, start)
 
-        return recorded, warm
+        runner.run = recorded
+        return runner
 
     monkeypatch.setattr(torchhet.engine, "make_runner", make_runner)
     state, (x, y) = small_state(width=4, depth=1), small_data(n=10)

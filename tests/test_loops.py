@@ -113,7 +113,8 @@ def test_no_autograd_refuses_remat_and_counts_its_buffers(problem):
     model = tweights.put(state, "float64", torch.device("cpu"))
     model.layers.append(torch.nn.Tanh())  # not the network it writes the backward for
     with pytest.raises(ValueError, match="Linear, ReLU"):
-        tengine.make_runner("no-autograd", model, torch.tensor(x), torch.tensor(y), 0.1, False)
+        tengine.make_runner("no-autograd", model, torch.tensor(x), torch.tensor(y),
+                            s.replace(loop="no-autograd"))
 
 
 def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
@@ -123,7 +124,7 @@ def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
 
     state, x, y, s = problem
     runs, alive = [], []
-    real_runner, real_nll = tengine.handgrad.make_runner, tengine.gaussian_nll
+    real_runner, real_nll = tengine.handgrad.make_runner, tengine.training_loss
 
     def make_runner(*args):
         run = real_runner(*args)
@@ -135,7 +136,7 @@ def test_no_autograd_buffers_go_before_the_final_forward(problem, monkeypatch):
         return real_nll(*args)
 
     monkeypatch.setattr(tengine.handgrad, "make_runner", make_runner)
-    monkeypatch.setattr(tengine, "gaussian_nll", nll)
+    monkeypatch.setattr(tengine, "training_loss", nll)
     driver.train(tb, s.replace(loop="no-autograd"), x, y, state)
     assert alive == [False]
 
@@ -164,7 +165,7 @@ def test_benchmark_trials_repeat_the_train_commands_run(problem, framework, loop
     state, x, y, s = problem
     s = s.replace(framework=framework, device="cpu", loop=loop, epochs=13, chunk_epochs=5)
     fw = Framework.load(framework, "cpu")
-    _, repeat = trial(fw, loop)(state, x, y, s.lr, False, 13, 5)
+    _, repeat = trial(fw, loop)(state, x, y, s)
     a, b = repeat(), repeat()
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[1], driver.train(fw.backend, s, x, y, state).loss_history)
@@ -197,12 +198,18 @@ def test_defaults_are_loops_of_their_framework(small_state, small_data):
     import jaxhet.engine
 
     assert jaxhet.engine.DEFAULT_LOOP in LOOPS["jax"]
+    lecture = Settings(framework="torch")
     for device_type in ("cpu", "cuda"):
-        assert tengine.default_loop(device_type) in LOOPS["torch"]
-    assert tengine.default_loop("cpu") not in tengine.CUDA_ONLY
-    assert tengine.default_loop("cpu") == "no-autograd"  # no warm-up, the fastest epoch
-    assert tengine.default_loop("cpu", remat=True) == "eager"  # no-autograd has no remat
-    assert tengine.default_loop("cuda") == "cudagraph"
+        assert tengine.default_loop(device_type, lecture, 500) in LOOPS["torch"]
+    assert tengine.default_loop("cpu", lecture, 500) not in tengine.CUDA_ONLY
+    assert tengine.default_loop("cpu", lecture, 500) == "no-autograd"  # the fastest epoch
+    # no-autograd has no remat and writes out the lecture's epoch alone
+    assert tengine.default_loop("cpu", lecture.replace(remat=True), 500) == "eager"
+    assert tengine.default_loop("cpu", lecture.replace(batch_size=100), 500) == "eager"
+    assert tengine.default_loop("cpu", lecture.replace(batch_size=500), 500) == "no-autograd"
+    assert tengine.default_loop("cpu", lecture.replace(optimizer="adam"), 500) == "optim"
+    assert tengine.default_loop("cuda", lecture, 500) == "cudagraph"
+    assert tengine.default_loop("cuda", lecture.replace(momentum=0.5), 500) == "optim"
     # what a run with --loop auto records
     state, (x, y) = small_state(width=4, depth=1), small_data(n=10)
     s = Settings(device="cpu", preset="none", width=4, depth=1, epochs=2)

@@ -188,15 +188,17 @@ def _torch_run_that_blows_up(small_state, small_data, monkeypatch, poison, loop=
     real = torchhet.engine.make_runner
 
     def make_runner(loop, model, *args, **kwargs):
-        inner, warm = real(loop, model, *args, **kwargs)
+        runner = real(loop, model, *args, **kwargs)
+        inner = runner.run
 
-        def runner(n, losses):
-            inner(n, losses)
+        def run(n, losses, start):
+            inner(n, losses, start)
             if poison(n, losses, clean):
                 with torch.no_grad():
                     model.var_head.weight[0, 0] = float("inf")
 
-        return runner, warm
+        runner.run = run
+        return runner
 
     monkeypatch.setattr(torchhet.engine, "make_runner", make_runner)
     return lambda: driver.train(tb, s, x, y, state)
@@ -286,19 +288,20 @@ def test_jax_names_a_refused_update_among_equal_losses(small_state, small_data, 
     x, y = small_data(n=20)
     s = Settings(device="cpu", preset="none", epochs=12, lr=1e-30, width=8, depth=1,
                  chunk_epochs=5, loop=loop)
-    real = jaxhet.engine.epoch
+    real = jaxhet.engine.update
     real_runner, chunks = jaxhet.engine.make_runner, []
 
     def counting(*args, **kwargs):  # how many chunks run before the failure is named
         runner, compiled = real_runner(*args, **kwargs)
-        return (lambda carry, n, start: (chunks.append(start), runner(carry, n, start))[1],
+        return (lambda carry, n, start, orders: (chunks.append(start),
+                                                 runner(carry, n, start, orders))[1],
                 compiled)
 
-    def broken(graphdef, full, carry, x, y, lr, active, index, remat=False):
-        lr = jnp.where(index == 7, jnp.asarray(jnp.inf, lr.dtype), lr)  # epoch 7's update
-        return real(graphdef, full, carry, x, y, lr, active, index, remat)
+    def broken(graphdef, cfg, carry, x, y, h, active, t):
+        lr = jnp.where(t == 7, jnp.asarray(jnp.inf, h["lr"].dtype), h["lr"])  # update 7
+        return real(graphdef, cfg, carry, x, y, {**h, "lr": lr}, active, t)
 
-    monkeypatch.setattr(jaxhet.engine, "epoch", broken)
+    monkeypatch.setattr(jaxhet.engine, "update", broken)
     monkeypatch.setattr(jaxhet.engine, "_compiled", {})
     monkeypatch.setattr(jaxhet.engine, "make_runner", counting)
     jax.clear_caches()
