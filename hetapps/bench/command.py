@@ -212,21 +212,18 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
     log(f"  {flops / 1e6:.1f} MFLOP per epoch; timing {len(variants)} variants x "
         f"{args.repeats} runs of {base.epochs} epochs")
-    rows = time_variants(variants, w, x, y, base.lr, False, base.epochs, base.chunk_epochs,
-                         args.repeats, log, settle)
+    rows = time_variants(variants, w, x, y, base, args.repeats, log, settle)
     for v, r in zip(variants, rows):
         if "error" not in r and v.fw is not None:
             try:
-                r.update(variant_memory(v, w, x, y, base.lr, False, base.chunk_epochs,
-                                        base.epochs))
+                r.update(variant_memory(v, w, x, y, base))
             except Exception as e:  # noqa: BLE001 - memory is reported, not required
                 r["memory_error"] = short(e)
     rep.fill_rates(rows, flops, refs)
     f64 = None
     if args.check == "float64":
         log("  float64 check runs ...")
-        f64 = float64_finals(variants, w, x, y, base.lr, False, base.epochs, base.chunk_epochs,
-                             log)
+        f64 = float64_finals(variants, w, x, y, base, log)
     agree = rep.agreement(rows, rep.CHECK_EPOCHS, f64)
     refs["peak_after"] = peak_again(fws, refs["peak"], max(args.repeats, 5), settle)
     fastest = {}
@@ -244,7 +241,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         **head,
         "workload": {"n_points": base.n_points, "width": base.width, "depth": base.depth,
                      "epochs": base.epochs, "lr": base.lr, "chunk_epochs": base.chunk_epochs,
-                     "dtype": "float32", **source},
+                     "dtype": "float32", "settings": base.to_dict(), **source},
         "flops_per_epoch": flops, "flops_source": flops_source,
         "repeats": args.repeats, "variants": rows, "agreement": agree, "fastest": fastest,
         "machine_load": {"start": load_start, "end": _load(), "threads": threads,

@@ -13,10 +13,11 @@ from hetcore import driver, hostmem
 SHORT_EPOCHS = 3  # a run long enough to reach its steady state, short enough for a sweep
 
 
-def variant_memory(v: Variant, w, x, y, lr: float, full: bool, chunk: int, epochs: int) -> dict:
-    """peak_bytes, peak_memory_method and activation_bytes of variant `v` on this workload."""
+def variant_memory(v: Variant, w, x, y, base) -> dict:
+    """peak_bytes, peak_memory_method and activation_bytes of variant `v` on this workload
+    (the run `base`, a Settings, says)."""
     fw = v.fw
-    settings = run_settings(fw.name, v.loop, fw.device, w, x, lr, full, epochs, chunk, v.remat)
+    settings = run_settings(fw, v.loop, base, w, x, v.remat)
     act = fw.measure.activation_bytes(settings, x, y, w)
     out = {"activation_bytes": act}
     plan = fw.measure.program_memory(settings, x, y, w, v.options)
@@ -24,7 +25,8 @@ def variant_memory(v: Variant, w, x, y, lr: float, full: bool, chunk: int, epoch
         return {**out, "peak_bytes": plan.get("peak"), "buffer_plan": plan,
                 "peak_memory_method": "the compiled program's buffer plan (arguments + "
                 "outputs + temporaries - donated)"}
-    short = settings.replace(epochs=min(epochs, SHORT_EPOCHS))
+    short = settings.replace(epochs=min(settings.epochs, SHORT_EPOCHS),
+                             warmup_steps=0 if settings.warmup_steps else None)
 
     def short_run():
         driver.train(fw.backend, short, x, y, w, options=v.options)

@@ -12,6 +12,7 @@ from hetapps.bench.memory import variant_memory
 from hetapps.bench.references import matmul_flops, synthetic_workload
 from hetapps.bench.timing import short, time_variants
 from hetapps.bench.variants import Variant
+from hetcore.settings import Settings
 
 GIB = 1024 ** 3
 
@@ -53,8 +54,10 @@ def sweep(fws: dict, variants: list[Variant], points: list[int], widths: list[in
                        "loop": v.loop, "remat": v.remat, "epochs": epochs,
                        "matmul_flops": flops}
                 try:
-                    timed = time_variants([v], w, x, y, 1e-4, False, epochs, epochs,
-                                          repeats, lambda s: None, settle)[0]
+                    run = Settings(preset="none", n_points=n, width=width, depth=depth,
+                                   lr=1e-4, epochs=epochs, chunk_epochs=epochs)
+                    timed = time_variants([v], w, x, y, run, repeats, lambda s: None,
+                                          settle)[0]
                     if "error" in timed:
                         row["error"] = timed["error"]
                     else:
@@ -62,7 +65,7 @@ def sweep(fws: dict, variants: list[Variant], points: list[int], widths: list[in
                         row["ms_per_epoch"] = timed["ms_per_epoch"]
                         row["gflops"] = flops / (timed["ms_per_epoch"]["median"] * 1e-3) / 1e9
                         row["fraction_of_peak"] = row["gflops"] / peak_gflops
-                        row.update(variant_memory(v, w, x, y, 1e-4, False, epochs, epochs))
+                        row.update(variant_memory(v, w, x, y, run))
                 except Exception as e:  # noqa: BLE001 - out of memory and the like
                     row["error"] = short(e)
                 _release(fws)

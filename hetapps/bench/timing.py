@@ -55,14 +55,16 @@ def short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def time_variants(variants, w, x, y, lr, full, epochs, chunk, repeats, log,
-                  settle: Settle | None = None) -> list[dict]:
-    """Compile each variant, then time `repeats` whole runs of each, round-robin."""
+def time_variants(variants, w, x, y, base, repeats, log, settle: Settle | None = None
+                  ) -> list[dict]:
+    """Compile each variant, then time `repeats` whole runs of each (the run `base`, a
+    Settings, says), round-robin."""
+    epochs = base.epochs
     settle = settle or Settle()
     rows, repeaters = [], []
     for v in variants:
         try:
-            compile_s, repeat = v.trial(w, x, y, lr, full, epochs, chunk)
+            compile_s, repeat = v.trial(w, x, y, base)
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported
@@ -99,14 +101,14 @@ def time_variants(variants, w, x, y, lr, full, epochs, chunk, repeats, log,
     return rows
 
 
-def float64_finals(variants, w, x, y, lr, full, epochs, chunk, log) -> dict:
+def float64_finals(variants, w, x, y, base, log) -> dict:
     """Each variant's final loss when it trains the same run in float64."""
     w64 = cast(w, "float64")
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     out = {}
     for v in variants:
         try:
-            _, repeat = v.trial(w64, x64, y64, lr, full, epochs, chunk)
+            _, repeat = v.trial(w64, x64, y64, base.replace(dtype="float64"))
             out[v.name] = (repeat.first if hasattr(repeat, "first") else repeat())[2]
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             log(f"  {v.name}: float64 check failed to run: {short(e)}")

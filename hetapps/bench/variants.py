@@ -41,19 +41,20 @@ class Framework:
                    backend.platform(dev), backend.describe(dev))
 
 
-def run_settings(framework: str, loop: str, device: str, weights, x, lr: float, full: bool,
-                 epochs: int, chunk: int, remat: bool = False) -> Settings:
-    """The Settings of a benchmark run: the workload's data and weights, `loop`."""
+def run_settings(fw: "Framework", loop: str, base: Settings, weights, x,
+                 remat: bool = False) -> Settings:
+    """The Settings of a benchmark run: `base`'s training options (epochs, chunk length,
+    learning rate, loss, optimiser, batches...), the workload's data and weights, `loop`."""
     width, depth = architecture(weights)
-    return Settings(framework=framework, device=device, preset="none", epochs=epochs, lr=lr,
-                    n_points=len(x), width=width, depth=depth, dtype=str(x.dtype), full=full,
-                    chunk_epochs=chunk, loop=loop, remat=remat)
+    return base.replace(framework=fw.name, device=fw.device, preset="none", seed=None,
+                        data=None, init_from=None, n_points=len(x), width=width, depth=depth,
+                        dtype=str(x.dtype), loop=loop, remat=remat, checkpoint_every=0)
 
 
 @dataclass
 class Variant:
-    """One loop of one framework. `trial(weights, x, y, lr, full, epochs, chunk)` compiles
-    or warms up and trains once, then returns (compile seconds, repeat); repeat() trains
+    """One loop of one framework. `trial(weights, x, y, settings)` compiles or warms up
+    and trains once as `settings` say (a template: hetapps.bench.variants.run_settings), then returns (compile seconds, repeat); repeat() trains
     the whole run again from the initial weights and returns (its training seconds, loss
     history, loss of the final weights); `repeat.first` holds the first run's."""
 
@@ -71,8 +72,8 @@ def trial(fw: Framework, loop: str, remat: bool = False,
     """A variant's trial (see Variant): the driver's run, from the same data and initial
     weights every time."""
 
-    def start(w, x, y, lr, full, epochs, chunk):
-        settings = run_settings(fw.name, loop, fw.device, w, x, lr, full, epochs, chunk, remat)
+    def start(w, x, y, base: Settings):
+        settings = run_settings(fw, loop, base, w, x, remat)
 
         def once():
             return driver.train(fw.backend, settings, x, y, w, options=options)
