@@ -44,7 +44,7 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
         "loop": result.loop,
         "loss_history": [float(v) for v in result.loss_history],
         "final": final_metrics(y, result.mu, result.var, result.final_loss,
-                               dataset.true_sigma()),
+                               dataset.true_sigma(), dataset.true_mean()),
         "timing": {
             "compile_s": result.compile_s,
             "train_s": result.train_s,

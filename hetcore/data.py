@@ -1,7 +1,14 @@
-"""Data sets: the lecture's own draw, synthetic draws of the same law, and the user's files.
+"""Data sets: the lecture's own draw, synthetic draws of the same law, the lecture's
+contradictory data, and the user's files.
 
-The law (docs/interface.md): x = linspace(-3, 3, N); y = sin(x) + noise with standard deviation
-0.1 * (3 - |x|), largest at the centre.
+The lecture's law (docs/interface.md): x = linspace(-3, 3, N); y = sin(x) + noise with
+standard deviation 0.1 * (3 - |x|), largest at the centre.
+
+The two-sines law (`--preset two-sines`, the lecture's "contradictory data"): x =
+linspace(-3, 3, N); each point lies on one of two sine curves, sin(x) or -sin(x), which
+one drawn by a fair coin, np.random.default_rng(seed).integers(0, 2, N), and no noise. Its
+mean is 0, between the curves where (but at x = 0) no point lies, and its standard
+deviation is |sin(x)|: what an NLL fit should find, and an MSE fit cannot say.
 """
 
 from __future__ import annotations
@@ -30,18 +37,22 @@ def true_sigma(x: np.ndarray) -> np.ndarray:
     return NOISE_SCALE * (3.0 - np.abs(x))
 
 
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Training points as 1-D arrays, and where they came from.
 
-    `synthetic` is true when the data follow the law above, so that the true mean and noise
-    level are known (the lecture's data included).
+    `synthetic` is true when the data follow a known law, so that the true mean and noise
+    level are known (the lecture's data included); `law` says which: "sine" (the lecture's)
+    or "two-sines".
     """
 
     x: np.ndarray  # (N,)
     y: np.ndarray  # (N,)
     source: str
     synthetic: bool
+    law: str = "sine"
 
     def columns(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) as (N, 1) arrays of `dtype`, the shape both models take."""
@@ -50,10 +61,16 @@ class Dataset:
         return x, y
 
     def true_mean(self) -> np.ndarray | None:
-        return true_mean(self.x.astype(np.float64)) if self.synthetic else None
+        if not self.synthetic:
+            return None
+        x = self.x.astype(np.float64)
+        return np.zeros_like(x) if self.law == "two-sines" else true_mean(x)
 
     def true_sigma(self) -> np.ndarray | None:
-        return true_sigma(self.x.astype(np.float64)) if self.synthetic else None
+        if not self.synthetic:
+            return None
+        x = self.x.astype(np.float64)
+        return np.abs(np.sin(x)) if self.law == "two-sines" else true_sigma(x)
 
 
 def synthetic(n_points: int, seed: int) -> Dataset:
@@ -62,6 +79,15 @@ def synthetic(n_points: int, seed: int) -> Dataset:
     x = np.linspace(X_MIN, X_MAX, n_points)
     y = true_mean(x) + rng.standard_normal(n_points) * true_sigma(x)
     return Dataset(x=x, y=y, source=f"synthetic(n_points={n_points}, seed={seed})", synthetic=True)
+
+
+def two_sines(n_points: int, seed: int) -> Dataset:
+    """The two-sines law (see the module docstring), in float64."""
+    x = np.linspace(X_MIN, X_MAX, n_points)
+    curve = np.random.default_rng(seed).integers(0, 2, n_points)
+    y = np.sin(x) * (2 * curve - 1)  # sin(x) on curve 1, -sin(x) on curve 0
+    return Dataset(x=x, y=y, source=f"two-sines(n_points={n_points}, seed={seed})",
+                   synthetic=True, law="two-sines")
 
 
 def lecture() -> Dataset:
@@ -76,6 +102,8 @@ def for_settings(settings: Settings) -> Dataset:
         return read(settings.data, settings.dtype)
     if settings.lecture_data:
         return lecture()
+    if settings.preset == "two-sines":
+        return two_sines(settings.n_points, settings.data_seed)
     return synthetic(settings.n_points, settings.data_seed)
 
 

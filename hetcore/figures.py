@@ -132,6 +132,47 @@ def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=No
     return fig
 
 
+def loss_comparison_figure(x, y, fits: dict, true_mean=None, true_sigma=None, title: str = ""):
+    """One panel per fit, side by side on the same axes: the data, the fit's mean and its
+    mu +- 2 sigma band, the true ones dashed when known, and the fit's metrics in its
+    corner. fits: {loss name: (mu, sigma, final metrics)}."""
+    order = np.argsort(np.asarray(x), kind="stable")
+    xs, ys = (np.asarray(a, np.float64)[order] for a in (x, y))
+    fig, axes = plt.subplots(1, len(fits), figsize=(5.2 * len(fits), 4.6), dpi=110,
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, (name, (mu, sigma, final)) in zip(axes[0], fits.items()):
+        mu, sigma = (np.asarray(a, np.float64)[order] for a in (mu, sigma))
+        ax.scatter(xs, ys, s=5, color=COLORS["data"], alpha=0.35, zorder=1)
+        ax.fill_between(xs, mu - 2 * sigma, mu + 2 * sigma, color=COLORS["band"], alpha=0.5,
+                        linewidth=0, label=r"$\mu \pm 2\sigma$", zorder=2)
+        ax.plot(xs, mu, color=COLORS["fit"], linewidth=2.2, label=r"$\mu$", zorder=3)
+        if true_mean is not None:
+            tm = np.asarray(true_mean, np.float64)[order]
+            ax.plot(xs, tm, "--", color=COLORS["true"], linewidth=1.2, label="true mean",
+                    zorder=4)
+            if true_sigma is not None:
+                ts = np.asarray(true_sigma, np.float64)[order]
+                for sign in (1, -1):
+                    ax.plot(xs, tm + sign * 2 * ts, ":", color=COLORS["true"], linewidth=1.2,
+                            label=r"true $\pm 2\sigma$" if sign == 1 else None, zorder=4)
+        lines = [f"coverage 2$\\sigma$ {final['coverage_2sigma']:.1%}",
+                 f"NLL {final['nll']:.3f}"]
+        for key, label in (("mean_rmse", "RMSE($\\mu$, true)"), ("sigma_mae", "$\\sigma$ MAE"),
+                           ("crps", "CRPS"), ("mace", "MACE")):
+            if key in final:
+                lines.append(f"{label} {final[key]:.3f}")
+        ax.text(0.98, 0.03, "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=9, bbox=dict(facecolor="white", alpha=0.85, edgecolor="#cccccc"))
+        ax.set(title=name, xlabel="x")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("y")
+    axes[0][0].legend(loc="upper left", fontsize=8, framealpha=0.9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, stem: str, formats=("png", "svg")) -> list[str]:
     """Save as stem.png and stem.svg; returns the paths."""
     paths = []

@@ -8,13 +8,15 @@ import numpy as np
 
 
 def final_metrics(y: np.ndarray, mu: np.ndarray, var: np.ndarray, loss: float,
-                  true_sigma: np.ndarray | None = None) -> dict:
+                  true_sigma: np.ndarray | None = None,
+                  true_mean: np.ndarray | None = None) -> dict:
     """`final` block of metrics.json.
 
     loss: the training loss of the final weights, as the framework computed it.
     nll: the full Gaussian negative log-likelihood per point, constant included.
     coverage_ks: fraction of points with |y - mu| <= k * sigma.
     sigma_mae: mean |sigma - true sigma|, when the true noise level is known.
+    mean_rmse: the root mean square of mu - true mean, when the true mean is known.
     """
     y, mu, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (y, mu, var))
     sigma = np.sqrt(var)
@@ -28,4 +30,6 @@ def final_metrics(y: np.ndarray, mu: np.ndarray, var: np.ndarray, loss: float,
         out[f"coverage_{k}sigma"] = float(np.mean(z <= k))
     if true_sigma is not None:
         out["sigma_mae"] = float(np.mean(np.abs(sigma - np.asarray(true_sigma).reshape(-1))))
+    if true_mean is not None:
+        out["mean_rmse"] = float(np.sqrt(np.mean((mu - np.asarray(true_mean).reshape(-1)) ** 2)))
     return out
