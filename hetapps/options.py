@@ -62,7 +62,7 @@ SETTINGS_OPTIONS: dict[str, dict] = {
                      "(PyTorch's law: dampening 0)"),
     "nesterov": dict(flag=True, help="sgd's Nesterov momentum (needs --momentum)"),
     "weight_decay": dict(type=float, shown="1e-4 with adamw", help="adamw's decoupled weight "
-                         "decay of every parameter, in [0, 1]"),
+                         "decay of every parameter, in [0, 10]"),
     "schedule": dict(choices=SCHEDULES, shown="the recipe's; lecture constant",
                      help="the learning rate per update after the warm-up: constant, or "
                      "cosine decay to --lr-end over the rest of the run"),

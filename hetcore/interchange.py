@@ -98,7 +98,9 @@ def write(path: str, state: dict, metadata: dict | None = None) -> None:
     depth = sum(1 for n in state if n.startswith("layers.") and n.endswith(".weight"))
     order = [n for n in names(depth) if n in state] if depth else []
     order += sorted(n for n in state if n not in order)
-    ordered = {n: np.ascontiguousarray(state[n]) for n in order}
+    # np.require, not np.ascontiguousarray, which makes a 0-d array (an optimiser's step
+    # count) 1-d
+    ordered = {n: np.require(state[n], requirements="C") for n in order}
     # One metadata entry: safetensors keeps metadata in a hash map whose order varies from
     # process to process, so several entries would make the same file differ in bytes.
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None

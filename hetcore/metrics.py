@@ -33,3 +33,27 @@ def final_metrics(y: np.ndarray, mu: np.ndarray, var: np.ndarray, loss: float,
     if true_mean is not None:
         out["mean_rmse"] = float(np.sqrt(np.mean((mu - np.asarray(true_mean).reshape(-1)) ** 2)))
     return out
+
+
+# Bandwidths the oracle picks from, with hindsight, for each data set.
+ORACLE_BANDWIDTHS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+
+
+def oracle_sigma(x: np.ndarray, y: np.ndarray, true_mean: np.ndarray, bandwidth: float
+                 ) -> np.ndarray:
+    """sigma at each x as a Gaussian kernel of `bandwidth` smooths the squared residuals
+    from the true mean: what no model can know (the true mean), the best one can hope of
+    the noise from one draw."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    r2 = (np.asarray(y, np.float64).reshape(-1) - np.asarray(true_mean).reshape(-1)) ** 2
+    k = np.exp(-0.5 * ((x[:, None] - x[None, :]) / bandwidth) ** 2)  # (N, N)
+    return np.sqrt(k @ r2 / k.sum(1))
+
+
+def oracle_sigma_mae(x, y, true_mean, true_sigma) -> tuple[float, float]:
+    """(sigma MAE, bandwidth) of the kernel oracle whose bandwidth (ORACLE_BANDWIDTHS) is
+    the best for this very draw: the data's own limit on recovering sigma."""
+    true_sigma = np.asarray(true_sigma, np.float64).reshape(-1)
+    best = min((float(np.mean(np.abs(oracle_sigma(x, y, true_mean, h) - true_sigma))), h)
+               for h in ORACLE_BANDWIDTHS)
+    return best

@@ -315,7 +315,7 @@ def _validate_training(s: Settings) -> None:
         raise UsageError("--nesterov: needs --momentum above 0 (Nesterov's step is a "
                          "momentum step)")
     if s.weight_decay is not None:
-        _check_number("--weight-decay", s.weight_decay, 0.0, 1.0)
+        _check_number("--weight-decay", s.weight_decay, 0.0, 10.0)
     _check_int("--warmup-steps", s.warmup_steps, 0)
     if s.lr_end is not None:
         _check_number("--lr-end", s.lr_end, 0.0, s.lr)

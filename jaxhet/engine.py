@@ -278,8 +278,12 @@ class JaxEngine:
             if len(optimizer) != len(leaves):
                 raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
                                  f"expected {len(leaves)}")
-            opt_state = jax.device_put(
-                jax.tree.unflatten(tree, [optimizer[str(i)] for i in range(len(leaves))]), dev)
+            saved = [np.asarray(optimizer.get(str(i))) for i in range(len(leaves))]
+            for i, (a, leaf) in enumerate(zip(saved, leaves)):
+                if a.shape != leaf.shape or a.dtype != leaf.dtype:
+                    raise UsageError(f"--resume: optimizer tensor '{i}' is {a.dtype} "
+                                     f"{a.shape}, expected {leaf.dtype} {leaf.shape}")
+            opt_state = jax.device_put(jax.tree.unflatten(tree, saved), dev)
         self.carry = new_carry(params, opt_state, dev)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
         length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
