@@ -148,8 +148,13 @@ def _roundtrip_check(weights: dict, dtype: str) -> criteria.Check:
     )
 
 
-def _grid_predictions(module, weights, grid, device) -> tuple[np.ndarray, np.ndarray]:
-    mu, var, _ = module.predict(weights, grid, device)
+def _grid_predictions(module, result, grid, device, mse: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """mu and sigma of a run's final weights on the grid (an MSE run's sigma: its one
+    value, the training residuals' RMS, driver.train's)."""
+    mu, var, _ = module.predict(result.weights, grid, device)
+    if mse:
+        var = np.full_like(var, result.var[0])
     return np.asarray(mu, np.float64)[:, 0], np.sqrt(np.asarray(var, np.float64)[:, 0])
 
 
@@ -172,15 +177,18 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
 
     # Single-step quantities.
     _log(quiet, f"[{dtype}] forward, loss, gradients, one SGD step")
-    fwd = {n: m.predict(w, x, dev, s.full, y) for n, m in mods.items()}
+    fwd = {n: m.predict(w, x, dev, s.full, y, s.loss, s.beta) for n, m in mods.items()}
     checks.append(criteria.check_close("mu", fwd["jax"][0], fwd["torch"][0], one, dtype))
     checks.append(criteria.check_close("var", fwd["jax"][1], fwd["torch"][1], one, dtype))
     checks.append(criteria.check_close("loss", fwd["jax"][2], fwd["torch"][2], one, dtype))
-    lg = {n: m.loss_and_grad(w, x, y, dev, s.full) for n, m in mods.items()}
+    lg = {n: m.loss_and_grad(w, x, y, dev, s.full, s.loss, s.beta) for n, m in mods.items()}
     checks.append(criteria.check_close("loss (from loss_and_grad)", lg["jax"][0], lg["torch"][0],
                                      one, dtype))
     checks += criteria.check_states("grad", lg["jax"][1], lg["torch"][1], one, dtype)
-    step = {n: driver.train(m, s.replace(epochs=1), x, y, w) for n, m in mods.items()}
+    # One epoch of the run's optimiser and batches at its peak learning rate: its warm-up
+    # would make the first update a no-op, and its cosine needs the whole run's length.
+    first_epoch = s.replace(epochs=1, schedule="constant", warmup_steps=0, lr_end=None)
+    step = {n: driver.train(m, first_epoch, x, y, w) for n, m in mods.items()}
     checks += criteria.check_states("one SGD step", step["jax"].weights, step["torch"].weights,
                                   one, dtype)
 
@@ -203,8 +211,9 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
         checks.append(criteria.final_floor_check(
             f"final {name}", runs["jax"].weights[name], runs["torch"].weights[name], pairs,
             dtype, fixed=fixed))
-    band = {n: _grid_predictions(m, runs[n].weights, grid, dev) for n, m in mods.items()}
-    twin_band = {n: [_grid_predictions(m, t.weights, grid, dev) for t in twins[n]]
+    mse = s.loss == "mse"
+    band = {n: _grid_predictions(m, runs[n], grid, dev, mse) for n, m in mods.items()}
+    twin_band = {n: [_grid_predictions(m, t, grid, dev, mse) for t in twins[n]]
                  for n, m in mods.items()}
     for i, q in ((0, "mu"), (1, "sigma")):
         pairs = [(band[n][i], tb[i]) for n in mods for tb in twin_band[n]]

@@ -37,6 +37,23 @@ def user_files(tmp_path, width=8, depth=2, dtype="float32", n=40):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", [
+    ["--optimizer", "adam", "--batch-size", "12", "--schedule", "cosine", "--warmup-steps",
+     "5", "--loss", "beta-nll", "--beta", "0.3"],
+    ["--loss", "mse", "--momentum", "0.9", "--nesterov", "--batch-size", "16"],
+], ids=["adam-batches-cosine-beta-nll", "mse-nesterov"])
+def test_any_recipe_passes_the_parity_command(tmp_path, capsys, device, recipe):
+    out = tmp_path / "report"
+    rc = parity_command.main([*SMALL, "--seed", "2", "--device", device, "--out", str(out),
+                              *recipe])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads((out / "parity.json").read_text())
+    assert report["pass"] is True
+    for dt, s in report["settings"].items():
+        assert s["batch_size"] in (12, 16) and s["loss"] in ("beta-nll", "mse")
+
+
 def test_command_end_to_end(tmp_path, device):
     """A subprocess, as a user runs it: exit 0, the table, parity.json, the figure."""
     out = tmp_path / "report"

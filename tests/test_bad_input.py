@@ -33,6 +33,20 @@ WRONG = {
     "--chunk-epochs": ["0", "-2"],
     "--loop": ["fastest", "eager"],  # eager is a torch loop; the default framework is jax
     "--checkpoint-every": ["-1", "k"],
+    "--recipe": ["fast", ""],
+    "--loss": ["l1", "NLL"],
+    "--optimizer": ["rmsprop"],
+    "--schedule": ["linear"],
+    "--momentum": ["-0.1", "1", "nan", "inf", "x"],
+    "--warmup-steps": ["-1", "1.5", "100000"],  # the run has 3 updates
+    "--batch-size": ["0", "-3", "x", "2.5"],
+    "--shuffle-seed": ["-1", "x", str(2**64)],
+}
+# Options refused whatever their value when what they belong to is not given.
+NOT_APPLICABLE = {
+    "--beta": ["0.5", "-0.1", "nan"],  # needs --loss beta-nll
+    "--weight-decay": ["1e-4", "-1", "nan"],  # needs --optimizer adamw
+    "--lr-end": ["0", "-1"],  # needs --schedule cosine
 }
 
 
@@ -68,6 +82,32 @@ def assert_refused(capsys, argv, out, needle):
 def test_every_option_refuses_wrong_values(capsys, existing_run, option, value):
     needle = option if option != "--device" or value == "quantum" else "available"
     assert_refused(capsys, BASE + [option, value], existing_run, needle)
+
+
+@pytest.mark.parametrize("option,value", [(o, v) for o, vs in NOT_APPLICABLE.items()
+                                          for v in vs])
+def test_an_option_that_does_not_apply_is_refused(capsys, existing_run, option, value):
+    assert_refused(capsys, BASE + [option, value], existing_run, option)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--beta", "2", "--loss", "beta-nll"], "--beta: must be in [0, 1]"),
+    (["--weight-decay", "nan", "--optimizer", "adamw"], "--weight-decay"),
+    (["--weight-decay", "50", "--optimizer", "adamw"], "--weight-decay"),
+    (["--lr-end", "1", "--schedule", "cosine"], "--lr-end"),  # above --lr
+    (["--lr-end", "nan", "--schedule", "cosine"], "--lr-end"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "only --optimizer sgd takes --momentum"),
+    (["--optimizer", "adam", "--nesterov"], "only --optimizer sgd takes --nesterov"),
+    (["--nesterov"], "needs --momentum above 0"),
+    (["--loss", "mse", "--full"], "--full"),
+    (["--recipe", "calibrated"], "--warmup-steps 100: longer than the run's 3 updates"),
+    (["--epochs", "100000000000"], "--epochs: at most"),
+    (["--loop", "no-autograd", "--framework", "torch", "--optimizer", "adam"],
+     "--loop no-autograd"),
+    (["--loop", "eager", "--framework", "torch", "--momentum", "0.5"], "--loop eager"),
+])
+def test_training_options_that_do_not_go_together(capsys, existing_run, argv, needle):
+    assert_refused(capsys, BASE + argv, existing_run, needle)
 
 
 def test_unknown_option_and_conflicts(capsys, existing_run):

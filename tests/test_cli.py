@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -200,3 +201,48 @@ def test_remat_option_trains_the_same_run(tmp_path):
         np.testing.assert_allclose(remat["loss_history"], plain["loss_history"], rtol=1e-12)
         if sys.platform.startswith("linux"):
             assert remat["config"]["host_malloc"].startswith("glibc, freed blocks kept")
+
+
+def test_a_recipe_run_records_every_training_option(tmp_path):
+    out = tmp_path / "run"
+    argv = [a for a in SMALL if a not in ("--epochs", "6")] + [
+        "--epochs", "4", "--optimizer", "adamw", "--weight-decay", "0.01", "--lr", "0.01",
+        "--schedule", "cosine", "--warmup-steps", "3", "--batch-size", "7",
+        "--shuffle-seed", "5", "--loss", "beta-nll", "--beta", "0.25", "--out", str(out)]
+    assert main(argv) == 0
+    c = json.loads((out / "metrics.json").read_text())["config"]
+    assert {k: c[k] for k in ("recipe", "loss", "beta", "optimizer", "momentum", "nesterov",
+                              "weight_decay", "schedule", "warmup_steps", "lr_end",
+                              "batch_size", "shuffle_seed")} == dict(
+        recipe="lecture", loss="beta-nll", beta=0.25, optimizer="adamw", momentum=None,
+        nesterov=None, weight_decay=0.01, schedule="cosine", warmup_steps=3, lr_end=0.0,
+        batch_size=7, shuffle_seed=5)
+
+
+def test_a_diverging_mini_batch_run_names_epoch_and_batch(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(SMALL + ["--lr", "1e6", "--momentum", "0.9", "--batch-size", "8",
+                         "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"epoch \d+, batch \d of 3", err[0]), err
+    assert not out.exists()
+
+
+def test_the_loss_comparison_writes_three_fits(tmp_path):
+    from hetapps.compare import main as compare
+
+    out = tmp_path / "cmp"
+    assert compare(["--epochs", "3", "--warmup-steps", "1", "--n-points", "30", "--width",
+                    "8", "--depth", "1", "--device", "cpu", "--no-progress",
+                    "--out", str(out)]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["fits"]) == ["mse", "nll", "beta-nll"]
+    assert report["data_source"] == "two-sines(n_points=30, seed=0)"
+    for loss in ("mse", "nll", "beta-nll"):
+        m = json.loads((out / loss / "metrics.json").read_text())
+        assert m["config"]["loss"] == loss and m["config"]["recipe"] == "calibrated"
+        assert {"sigma_mae", "mean_rmse"} <= set(m["final"])
+        pred = read_predictions(str(out / loss / "predictions.csv"))
+        if loss == "mse":  # one sigma, the residuals' RMS, at every x
+            assert np.ptp(pred["sigma"]) == 0
+    assert (out / "losses.png").read_bytes()[:4] == b"\x89PNG"

@@ -119,3 +119,20 @@ def test_bad_npz_is_refused_with_a_reason(tmp_path):
     (tmp_path / "d.txt").write_text("x,y\n1,2\n")
     with pytest.raises(UsageError, match="unknown file type"):
         data.read(str(tmp_path / "d.txt"))
+
+
+def test_two_sines_follows_its_law():
+    from hetcore.settings import Settings
+
+    ds = data.for_settings(Settings(preset="two-sines", seed=3, n_points=400))
+    x, y = ds.x, ds.y
+    np.testing.assert_array_equal(x, np.linspace(-3, 3, 400))
+    on = np.isclose(y, np.sin(x), atol=0) | np.isclose(y, -np.sin(x), atol=0)
+    assert on.all()  # every point on one of the two curves, no noise
+    curve = np.random.default_rng(3).integers(0, 2, 400)
+    np.testing.assert_array_equal(y, np.sin(x) * (2 * curve - 1))
+    np.testing.assert_array_equal(ds.true_mean(), np.zeros(400))
+    np.testing.assert_array_equal(ds.true_sigma(), np.abs(np.sin(x)))
+    assert ds.source == "two-sines(n_points=400, seed=3)"
+    assert not np.array_equal(data.for_settings(Settings(preset="two-sines", seed=4)).y,
+                              data.for_settings(Settings(preset="two-sines", seed=3)).y)
