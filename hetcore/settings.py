@@ -37,7 +37,7 @@ MAX_EPOCHS = 10**7  # a loss history of 80 MB; more is refused before any work
 RECIPES = {
     "lecture": dict(epochs=LECTURE["epochs"], lr=LECTURE["lr"], loss="nll", optimizer="sgd",
                     momentum=0.0, nesterov=False, schedule="constant", warmup_steps=0),
-    "calibrated": dict(epochs=2000, lr=1e-3, loss="beta-nll", beta=0.5, optimizer="adam",
+    "calibrated": dict(epochs=1000, lr=1e-3, loss="nll", optimizer="adamw", weight_decay=2.0,
                        schedule="cosine", warmup_steps=100, lr_end=0.0),
 }
 # What each option defaults to where it applies and the recipe does not say.

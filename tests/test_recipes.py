@@ -192,6 +192,7 @@ def test_recipes_fill_what_is_not_given_and_refuse_what_does_not_apply():
     # a recipe default that does not apply to what is given is dropped
     assert Settings(recipe="calibrated", loss="nll").beta is None
     assert Settings(recipe="calibrated", schedule="constant").lr_end is None
+    assert Settings(recipe="calibrated", optimizer="adam").weight_decay is None
     lecture = Settings()
     assert (lecture.loss, lecture.optimizer, lecture.momentum, lecture.schedule,
             lecture.batch_size, lecture.epochs, lecture.lr) == ("nll", "sgd", 0.0, "constant",
