@@ -37,6 +37,7 @@ def user_files(tmp_path, width=8, depth=2, dtype="float32", n=40):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [
     ["--optimizer", "adam", "--batch-size", "12", "--schedule", "cosine", "--warmup-steps",
      "5", "--loss", "beta-nll", "--beta", "0.3"],
