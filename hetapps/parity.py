@@ -106,6 +106,7 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
     else:
         w0, source = driver.initial_weights(base, modules[args.init])
     x0, y0 = dataset.columns(dtypes[0])
+    base.check_run(len(x0))  # a warm-up the run would not outlast: before any work
     w0 = interchange.cast(w0, dtypes[0])
     for name, a in w0.items():  # a float64 file may overflow float32
         if not np.isfinite(a).all():

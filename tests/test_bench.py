@@ -117,6 +117,7 @@ def test_the_same_variant_injected_agrees(tmp_path):
     (["--sweep", "--points", "10,x"], "--points"),
     (["--no-such-option"], "unrecognized"),
     (["--epochs", "many"], "--epochs"),
+    (["--recipe", "calibrated"], "--warmup-steps 100: longer than the run's 12 updates"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, needle, tmp_path):
     proc = subprocess.run(
@@ -299,3 +300,18 @@ def test_the_tf32_option_is_the_runs_own(monkeypatch, small_state, small_data):
                                (EngineOptions(), jax.lax.Precision.HIGHEST)):
         engine = jb.engine(s.replace(framework="jax", loop="auto"), x, y, state, None, options)
         assert nnx.merge(engine.graphdef, engine.carry[0]).mean_head.precision == precision
+
+
+@pytest.mark.slow
+def test_a_recipe_is_benchmarked_as_the_train_command_runs_it(tmp_path, capsys):
+    # The run's training options reach every variant (and its short memory run, whose
+    # warm-up the recipe's 100 updates would outlast).
+    code, out = _run(tmp_path, "--variants", "jax:scan,torch:optim", "--check", "float32",
+                     "--recipe", "calibrated", "--batch-size", "16", "--warmup-steps", "5")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "bench.json").read_text())
+    s = report["workload"]["settings"]
+    assert (s["recipe"], s["optimizer"], s["batch_size"], s["epochs"]) == (
+        "calibrated", "adamw", 16, 12)
+    assert report["agreement"]["ok"]
+    assert all(v["peak_bytes"] for v in report["variants"])

@@ -209,6 +209,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         return 0
 
     x, y, w, source = workload(base)
+    base.check_run(len(x))  # a warm-up the run would not outlast: refused before any work
     flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
     log(f"  {flops / 1e6:.1f} MFLOP per epoch; timing {len(variants)} variants x "
         f"{args.repeats} runs of {base.epochs} epochs")

@@ -25,8 +25,8 @@ def variant_memory(v: Variant, w, x, y, base) -> dict:
         return {**out, "peak_bytes": plan.get("peak"), "buffer_plan": plan,
                 "peak_memory_method": "the compiled program's buffer plan (arguments + "
                 "outputs + temporaries - donated)"}
-    short = settings.replace(epochs=min(settings.epochs, SHORT_EPOCHS),
-                             warmup_steps=0 if settings.warmup_steps else None)
+    # memory does not depend on the schedule: no warm-up, which 3 epochs may not outlast
+    short = settings.replace(epochs=min(settings.epochs, SHORT_EPOCHS), warmup_steps=0)
 
     def short_run():
         driver.train(fw.backend, short, x, y, w, options=v.options)
