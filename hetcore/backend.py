@@ -61,12 +61,15 @@ class Chunk:
       update made a weight non-finite; None when every epoch was finite.
     update_failed: whether `failed` names an update (its loss was finite) rather than a loss.
     batch: the batch of epoch `failed` that failed (0 in a full-batch run).
+    held_out_loss: the training loss function of the weights at the chunk's end on the
+      held-out data, when the engine has them (else None).
     """
 
     losses: np.ndarray
     failed: int | None = None
     update_failed: bool = False
     batch: int = 0
+    held_out_loss: float | None = None
 
     @classmethod
     def from_losses(cls, start: int, losses: np.ndarray) -> "Chunk":
@@ -76,14 +79,25 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """A model's predictive Gaussians on some data: mean, variance, and the training loss
+    function's value there."""
+
+    mu: np.ndarray  # (N,)
+    var: np.ndarray  # (N,)
+    loss: float
+
+
+@dataclass(frozen=True)
 class Final:
     """The trained model: its weights (state dict) and its predictions and loss on the
-    training data."""
+    training data (and on the held-out data, when the engine has them)."""
 
     weights: StateDict
     mu: np.ndarray  # (N,)
     var: np.ndarray  # (N,)
     loss: float
+    held_out: Prediction | None = None
 
 
 @runtime_checkable
@@ -96,6 +110,10 @@ class Engine(Protocol):
       compile_s: seconds spent compiling or warming up before the first epoch.
       in_flight: how many launched chunks the driver may hold unread; 2 lets the host read
         chunk c-1 while the device runs chunk c, 1 reads each chunk before the next.
+
+    Held-out data, when given to Backend.engine, are evaluated on the device after every
+    chunk (Chunk.held_out_loss, queued behind the chunk, no extra host sync) and once more
+    by `finish` (Final.held_out).
     """
 
     loop: str
@@ -164,10 +182,12 @@ class Backend(Protocol):
 
     def engine(self, settings, x: np.ndarray, y: np.ndarray, weights: StateDict,
                optimizer: dict[str, np.ndarray] | None = None,
-               options: EngineOptions = EngineOptions()) -> Engine:
+               options: EngineOptions = EngineOptions(),
+               held_out: tuple[np.ndarray, np.ndarray] | None = None) -> Engine:
         """An engine for `settings` (dtype, device, loop, lr, loss, chunk length) on x, y
         (N, 1) from `weights`, and from `optimizer` (a checkpoint's optimiser state) when
-        resuming. Compiles or warms up before it returns."""
+        resuming; `held_out`: (x, y) (M, 1) data to evaluate on after every chunk and at
+        the end. Compiles or warms up before it returns."""
 
 
 @runtime_checkable

@@ -34,6 +34,10 @@ class Checkpoint:
     data_digest: str
     extra: dict = field(default_factory=dict)
     path: str = ""  # the file it was loaded from
+    # The held-out loss at each chunk's end so far: (2, k) epochs and losses (empty: none),
+    # and the digest of the held-out data it was taken on ("" without them).
+    held_out_curve: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
+    held_out_digest: str = ""
 
 
 def filename(framework: str) -> str:
@@ -56,9 +60,11 @@ def save(path: str, ckpt: Checkpoint) -> None:
     tensors |= {f"initial/{n}": a for n, a in ckpt.initial_weights.items()}
     tensors |= {f"optimizer/{n}": a for n, a in ckpt.optimizer.items()}
     tensors["loss_history"] = np.asarray(ckpt.loss_history)
+    tensors["held_out_curve"] = np.asarray(ckpt.held_out_curve, np.float64).reshape(2, -1)
     meta = {
         "format": FORMAT, "framework": ckpt.framework, "epoch": ckpt.epoch,
         "settings": ckpt.settings, "data_digest": ckpt.data_digest, "extra": ckpt.extra,
+        "held_out_digest": ckpt.held_out_digest,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -84,6 +90,7 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
         extra = dict(meta.get("extra", {}))
         framework = str(meta["framework"])
         digest = str(meta["data_digest"])
+        held_digest = str(meta.get("held_out_digest", ""))
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise UsageError(f"{label} {path}: not a checkpoint of this project ({e})") from None
     history = tensors.get("loss_history")
@@ -92,13 +99,18 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
     if not np.isfinite(history).all():
         raise UsageError(f"{label} {path}: loss_history holds non-finite values")
 
+    curve = tensors.get("held_out_curve", np.zeros((2, 0)))
+    if curve.ndim != 2 or curve.shape[0] != 2 or not np.isfinite(curve).all():
+        raise UsageError(f"{label} {path}: held_out_curve is not (2, k) finite numbers")
+
     def part(prefix):
         return {n[len(prefix):]: a for n, a in tensors.items() if n.startswith(prefix)}
 
     ckpt = Checkpoint(framework=framework, epoch=epoch, weights=part("weights/"),
                       optimizer=part("optimizer/"), loss_history=history,
                       initial_weights=part("initial/"), settings=settings,
-                      data_digest=digest, extra=extra, path=path)
+                      data_digest=digest, extra=extra, path=path, held_out_curve=curve,
+                      held_out_digest=held_digest)
     try:
         s = Settings(**settings)
     except (TypeError, UsageError) as e:

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.special import ndtri
 
+from hetcore import metrics
 from hetcore.outputs import jsonable
 
 if TYPE_CHECKING:
@@ -479,8 +481,14 @@ def reference_check(label: str, run, others: list, reference, dtype: str,
 # Summary of two finished runs (train.py --framework both).
 
 
-def compare(a: "RunResult", b: "RunResult") -> dict:
-    """Largest differences between two runs, per quantity and per tensor, and where."""
+def compare(a: "RunResult", b: "RunResult", y=None, held_y=None,
+            run_metrics: tuple[dict, dict] | None = None) -> dict:
+    """Largest differences between two runs, per quantity and per tensor, and where.
+
+    With the training data's y (and the held-out data's, held_y, when the runs predicted
+    there), also each metric of the two runs' predictions against the reach of their
+    predictions' own gaps (metric_checks): `metrics`. run_metrics: the runs' metrics.json
+    blocks ({"final": ..., "test": ...}), computed here when not given."""
     out = {
         "frameworks": [a.framework, b.framework],
         "dtype": a.dtype,
@@ -500,4 +508,131 @@ def compare(a: "RunResult", b: "RunResult") -> dict:
         d["index"] = list(d["index"])
     g = gap(a.loss_history, b.loss_history)
     out["loss_gap_per_epoch"] = [float(v) for v in g]
+    if y is not None:
+        splits = {"final": (y, (a.mu, a.sigma), (b.mu, b.sigma))}
+        if held_y is not None and a.held_out is not None and b.held_out is not None:
+            splits["test"] = (held_y, (a.held_out.mu, a.held_out_sigma),
+                              (b.held_out.mu, b.held_out_sigma))
+        checks = []
+        for split, (yy, pa, pb) in splits.items():
+            if run_metrics is None:
+                ma, mb = (metrics.final_metrics(yy, p[0], _as64(p[1]) ** 2, None)
+                          for p in (pa, pb))
+            else:
+                ma, mb = run_metrics[0][split], run_metrics[1][split]
+            checks += metric_checks(split, ma, mb, yy, pa, pb, np.abs(_as64(pa[0]) - pb[0]),
+                                    np.abs(_as64(pa[1]) - pb[1]), a.dtype,
+                                    "bound: the reach of the predictions' own gaps at each "
+                                    "point", (a.framework, b.framework))
+        out["metrics"] = {"pass": not failures(checks), "reason": METRICS_REASON,
+                          "checks": [c.to_dict() for c in checks]}
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The metrics of two frameworks' predictions (hetcore.metrics): how far apart they may be,
+# given how far apart the predictions are.
+
+METRICS_REASON = (
+    "each metric is a function of the predictions (mu, sigma) at the points, so it can "
+    "differ between the frameworks only as far as their predictions' difference moves it: "
+    "the bound is that reach, for every point's mu and sigma anywhere within the given "
+    "distance of the first framework's. Scores by their Lipschitz constants over that box "
+    "(CRPS: 1 in mu, 1/sqrt(pi) in sigma; check score: max(q, 1-q) per quantile; interval "
+    "score: 2/alpha - 1 per interval end; the log score by its gradient's largest size in "
+    "the box; sharpness and RMSEs by the triangle inequality); counted metrics (coverage, "
+    "calibration errors, miscalibration area) by the points whose standardised residual "
+    "can cross a level's interval end, 1/N of a proportion each"
+)
+
+
+SPLIT_NAMES = {"final": "training data", "test": "held-out data"}  # metrics.json's blocks
+
+
+def _z_range(y, mu, sigma, d_mu, d_sigma) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest and largest (mu' - y) / sigma' over |mu' - mu| <= d_mu, |sigma' -
+    sigma| <= d_sigma (-inf, inf where sigma' may reach 0)."""
+    r = mu - y
+    lo_s = sigma - d_sigma
+    corners = np.stack([(r + a) / s for a in (-d_mu, d_mu) for s in (lo_s, sigma + d_sigma)])
+    lo, hi = corners.min(0), corners.max(0)
+    open_ = lo_s <= 0
+    return np.where(open_, -np.inf, lo), np.where(open_, np.inf, hi)
+
+
+def _crossing(lo: np.ndarray, hi: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """For each threshold, the number of ranges [lo, hi] that hold it."""
+    lo, hi = np.sort(lo), np.sort(hi)
+    return (np.searchsorted(lo, thresholds, side="right")
+            - np.searchsorted(hi, thresholds, side="left"))
+
+
+def metric_reach(y, mu, sigma, d_mu, d_sigma) -> dict[str, float]:
+    """How far each metric of hetcore.metrics.final_metrics (but `loss`) can move from its
+    value at (mu, sigma) when every point's mu moves by at most d_mu and its sigma by at
+    most d_sigma (arrays of the points' size, or scalars); METRICS_REASON says how."""
+    y, mu, sigma = (_as64(a).reshape(-1) for a in (y, mu, sigma))
+    n = y.size
+    d_mu, d_sigma = (np.broadcast_to(_as64(d).reshape(-1) if np.ndim(d) else _as64(d), (n,))
+                     for d in (d_mu, d_sigma))
+    s_min = sigma - d_sigma
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z_max = np.where(s_min > 0, (np.abs(mu - y) + d_mu) / s_min, np.inf)
+        nll = np.where(s_min > 0, (z_max * d_mu + np.maximum(1.0, z_max ** 2) * d_sigma)
+                       / s_min, np.inf)
+    zq = np.abs(ndtri(metrics.SCORE_LEVELS))
+    check = np.mean(np.maximum(metrics.SCORE_LEVELS, 1 - metrics.SCORE_LEVELS)[:, None]
+                    * (d_mu[None, :] + zq[:, None] * d_sigma[None, :]))
+    zp = ndtri(0.5 + metrics.SCORE_LEVELS / 2)
+    interval = np.mean((2 / (1 - metrics.SCORE_LEVELS) - 1)[:, None] * 2
+                       * (d_mu[None, :] + zp[:, None] * d_sigma[None, :]))
+    z_lo, z_hi = _z_range(y, mu, sigma, d_mu, d_sigma)
+    a_lo = np.where((z_lo <= 0) & (z_hi >= 0), 0.0, np.minimum(np.abs(z_lo), np.abs(z_hi)))
+    a_hi = np.maximum(np.abs(z_lo), np.abs(z_hi))
+    lower, upper = metrics.interval_bounds()
+    k = (_crossing(z_lo, z_hi, lower) + _crossing(z_lo, z_hi, upper)) / n
+    k_area = _crossing(a_lo, a_hi, upper) / n
+    h = np.diff(metrics.EXPECTED)
+    reach = {
+        "rmse": float(np.sqrt(np.mean(d_mu ** 2))),
+        "nll": float(np.mean(nll)),
+        "nll_full": float(np.mean(nll)),
+        "crps": float(np.mean(d_mu + d_sigma / np.sqrt(np.pi))),
+        "check_score": float(check),
+        "interval_score": float(interval),
+        "sharpness": float(np.sqrt(np.mean(d_sigma ** 2))),
+        "mace": float(np.mean(k)),
+        "rmsce": float(np.sqrt(np.mean(k ** 2))),
+        "miscalibration_area": float(np.sum(h * (k_area[:-1] + k_area[1:]) / 2)),
+        "sigma_mae": float(np.mean(d_sigma)),
+        "mean_rmse": float(np.sqrt(np.mean(d_mu ** 2))),
+    }
+    for j in (1, 2, 3):
+        reach[f"coverage_{j}sigma"] = float(_crossing(a_lo, a_hi, np.array([float(j)]))[0] / n)
+    return reach
+
+
+def metric_checks(split: str, metrics_a: dict, metrics_b: dict, y, pred_a, pred_b, d_mu,
+                  d_sigma, dtype: str, basis: str, labels: tuple[str, str] = LABELS
+                  ) -> list[Check]:
+    """One Check per metric of two frameworks' predictions on the same data.
+
+    pred_a, pred_b: (mu, sigma) of each; d_mu, d_sigma: how far apart the predictions may
+    be (the actual gaps, or a parity bound on them), said in `basis`; the bound of each
+    metric is metric_reach from the first framework's predictions, never below 4 ulps of
+    the metric's magnitude (ROUNDING_REASON)."""
+    reach = metric_reach(y, pred_a[0], pred_a[1], d_mu, d_sigma)
+    checks = []
+    for key, limit in reach.items():
+        if key not in metrics_a or key not in metrics_b:
+            continue
+        va, vb = float(metrics_a[key]), float(metrics_b[key])
+        mag = max(abs(va), abs(vb))
+        bound = max(limit, ROUNDING_ULPS * unit_roundoff("float64") * mag)
+        gap_ = abs(va - vb)
+        checks.append(Check(
+            quantity=f"{key} ({SPLIT_NAMES.get(split, split)})", dtype=dtype, max_abs=gap_,
+            max_rel=gap_ / mag if mag else 0.0, bound=bound, ok=bool(gap_ <= bound),
+            where="metric", detail=f"{_values(labels, va, vb)}; {basis}",
+            reason=METRICS_REASON, kind="metric"))
+    return checks

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetcore import checkpoint, interchange
-from hetcore.backend import Backend, EngineOptions
+from hetcore.backend import Backend, EngineOptions, Prediction
 from hetcore.errors import TrainingDiverged, UsageError
 from hetcore.schedule import chunk_length, epoch_orders, spans
 from hetcore.settings import Settings
@@ -40,10 +40,18 @@ class RunResult:
     train_s: float  # seconds of training proper
     versions: dict = field(default_factory=dict)
     loop: str = ""
+    # On held-out data (when the run has them): the final predictions, and the training
+    # loss function there at each chunk's end, (2, k): the epochs done, then the losses.
+    held_out: Prediction | None = None
+    held_out_curve: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
 
     @property
     def sigma(self) -> np.ndarray:
         return np.sqrt(self.var.astype(np.float64))
+
+    @property
+    def held_out_sigma(self) -> np.ndarray | None:
+        return None if self.held_out is None else np.sqrt(self.held_out.var.astype(np.float64))
 
 
 class Progress:
@@ -80,7 +88,8 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
           initial_weights: dict, *, progress: bool = False,
           resume: checkpoint.Checkpoint | None = None, checkpoint_path: str | None = None,
           checkpoint_extra: dict | None = None,
-          options: EngineOptions = EngineOptions()) -> RunResult:
+          options: EngineOptions = EngineOptions(),
+          held_out: tuple[np.ndarray, np.ndarray] | None = None) -> RunResult:
     """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
 
     Args:
@@ -97,6 +106,9 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
       checkpoint_extra: metadata the checkpoint carries for the command (e.g. where the
         initial weights came from).
       options: the engine's options (speed or rounding, never the maths).
+      held_out: (x, y) (M, 1) held-out data of settings.dtype: the training loss function
+        is taken there at each chunk's end, and the final model predicts there. They never
+        change the training.
 
     Returns:
       RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite or
@@ -112,9 +124,17 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
                              "differ from those the run started with")
         first = resume.epoch
         history[:first] = resume.loss_history
+    held_digest = "" if held_out is None else checkpoint.data_digest(*held_out)
+    curve: list[tuple[int, float]] = []  # (epochs done, held-out loss) at each chunk's end
+    if resume is not None:
+        if resume.held_out_digest != held_digest:
+            raise UsageError(f"--resume {os.path.dirname(resume.path) or resume.path}: the "
+                             "held-out data differ from those the run started with")
+        curve = [(int(e), float(v)) for e, v in resume.held_out_curve.T]
     engine = backend.engine(settings, x, y,
                             initial_weights if resume is None else resume.weights,
-                            None if resume is None else resume.optimizer, options)
+                            None if resume is None else resume.optimizer, options,
+                            held_out)
     length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
     bar = Progress(f"{backend.NAME} train", settings.epochs) if progress else None
 
@@ -126,6 +146,8 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
         span, handle = pending.popleft()
         chunk = engine.read(handle)
         history[span.start:span.start + span.count] = chunk.losses
+        if chunk.held_out_loss is not None:
+            curve.append((span.start + span.count, chunk.held_out_loss))
         if chunk.failed is not None:
             failed = chunk
         elif bar is not None:
@@ -150,7 +172,8 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
                         framework=backend.NAME, epoch=end, weights=weights,
                         optimizer=optimizer, loss_history=history[:end].astype(settings.dtype),
                         initial_weights=initial_weights, settings=settings.to_dict(),
-                        data_digest=digest, extra=dict(checkpoint_extra or {})))
+                        data_digest=digest, extra=dict(checkpoint_extra or {}),
+                        held_out_curve=_curve(curve), held_out_digest=held_digest))
             elif len(pending) >= engine.in_flight:  # read chunk c-1 while chunk c runs
                 consume()
             if failed is not None:
@@ -167,15 +190,24 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
                                weights=failed.update_failed, batch=failed.batch,
                                batches=settings.batches(len(x)))
     final = engine.finish()
-    var = final.var
+    var, held = final.var, final.held_out
     if settings.loss == "mse":  # the variance head was never trained: sigma is the
         # training residuals' root mean square, the same at every x
         resid = y[:, 0].astype(np.float64) - final.mu.astype(np.float64)
-        var = np.full(len(x), np.mean(resid ** 2)).astype(settings.dtype)
+        rms2 = np.mean(resid ** 2)
+        var = np.full(len(x), rms2).astype(settings.dtype)
+        if held is not None:
+            held = Prediction(held.mu, np.full(held.mu.shape, rms2).astype(settings.dtype),
+                              held.loss)
     return RunResult(
         framework=backend.NAME, device=engine.device, dtype=settings.dtype,
         loss_history=history.astype(settings.dtype), initial_weights=dict(initial_weights),
         weights=final.weights, mu=final.mu, var=var, final_loss=final.loss,
         compile_s=engine.compile_s, train_s=train_s, versions=backend.versions(),
-        loop=engine.loop,
+        loop=engine.loop, held_out=held, held_out_curve=_curve(curve),
     )
+
+
+def _curve(points: list[tuple[int, float]]) -> np.ndarray:
+    """(2, k): the epochs, then the losses."""
+    return np.asarray(points, np.float64).reshape(-1, 2).T.copy()

@@ -1,4 +1,5 @@
-"""Figures: the fit of a run and the two frameworks' comparison."""
+"""Figures: a run's fit, loss curve and calibration curve, and the comparisons of losses and
+of the two frameworks."""
 
 from __future__ import annotations
 
@@ -9,15 +10,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"data": "#337538", "fit": "#2E2585", "band": "#94CBEC", "true": "#444444",
-          "jax": "#2E2585", "torch": "#C2452D"}
+          "jax": "#2E2585", "torch": "#C2452D", "held": "#DC7700"}
 
 
-def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None):
-    """Data, the mean, the mu +- 2 sigma band, and the true ones dashed when known."""
+def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None, held_out=None,
+               label: str = "training data"):
+    """Two panels sharing x. Above: the data (held-out points apart, hollow), the mean, the
+    mu +- 2 sigma band, and the true ones dashed when known. Below: the standardised
+    residuals (y - mu) / sigma, with the +-1 and +-2 lines a calibrated fit keeps about 68%
+    and 95% of the points within.
+
+    held_out: (x, y, mu, sigma) of held-out data, drawn apart; None: none.
+    label: what (x, y) are called in the legend.
+    """
     order = np.argsort(x, kind="stable")
     x, y, mu, sigma = (np.asarray(a, dtype=np.float64)[order] for a in (x, y, mu, sigma))
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    ax.scatter(x, y, s=8, color=COLORS["data"], alpha=0.6, label="training data", zorder=1)
+    fig, (ax, rax) = plt.subplots(2, 1, figsize=(8, 6.8), dpi=120, sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.25]})
+    ax.scatter(x, y, s=8, color=COLORS["data"], alpha=0.6, label=label, zorder=1)
+    if held_out is not None:
+        hx, hy = (np.asarray(a, np.float64) for a in held_out[:2])
+        ax.scatter(hx, hy, s=10, facecolors="none", edgecolors=COLORS["held"], linewidths=0.7,
+                   alpha=0.7, label="held-out data", zorder=1)
     ax.fill_between(x, mu - 2 * sigma, mu + 2 * sigma, color=COLORS["band"], alpha=0.5,
                     linewidth=0, label=r"fit $\mu \pm 2\sigma$", zorder=2)
     ax.plot(x, mu, color=COLORS["fit"], linewidth=2.5, label=r"fit $\mu$", zorder=3)
@@ -29,11 +43,68 @@ def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None):
             ax.plot(x, tm + 2 * ts, ":", color=COLORS["true"], linewidth=1.5,
                     label=r"true $\pm 2\sigma$", zorder=4)
             ax.plot(x, tm - 2 * ts, ":", color=COLORS["true"], linewidth=1.5, zorder=4)
-    ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9, framealpha=0.9)
+
+    rax.scatter(x, (y - mu) / sigma, s=6, color=COLORS["data"], alpha=0.6, zorder=2)
+    if held_out is not None:
+        hx, hy, hm, hs = (np.asarray(a, np.float64) for a in held_out)
+        rax.scatter(hx, (hy - hm) / hs, s=8, facecolors="none", edgecolors=COLORS["held"],
+                    linewidths=0.6, alpha=0.7, zorder=2)
+    for k, style in ((1, ":"), (2, "--")):
+        for sign in (1, -1):
+            rax.axhline(sign * k, color=COLORS["true"], linestyle=style, linewidth=1.0,
+                        zorder=1)
+    rax.axhline(0, color=COLORS["true"], linewidth=0.6, zorder=1)
+    rax.set(xlabel="x", ylabel=r"$(y - \mu) / \sigma$")
+    rax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(loss_history, title: str, held_out_curve=None):
+    """The training loss per epoch and, when there are held-out data, the same loss
+    function on them at each chunk's end (markers). A curve that stays positive over more
+    than two decades is drawn on a log scale."""
+    loss = np.asarray(loss_history, np.float64)
+    fig, ax = plt.subplots(figsize=(8, 4.6), dpi=120)
+    ax.plot(np.arange(loss.size), loss, color=COLORS["fit"], linewidth=1.4,
+            label="training loss (each epoch, before its update)")
+    values = [loss]
+    if held_out_curve is not None and np.asarray(held_out_curve).shape[1]:
+        epochs, held = np.asarray(held_out_curve, np.float64)
+        ax.plot(epochs, held, "o-", color=COLORS["held"], markersize=4, linewidth=1.0,
+                label="held-out loss (each chunk's end)")
+        values.append(held)
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    if finite.size and finite.min() > 0 and finite.max() > 100 * finite.min():
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_figure(curves: dict, title: str):
+    """Observed against expected proportion of points inside the central intervals, one
+    curve per data set, with the diagonal of a calibrated fit.
+
+    curves: {label: (expected, observed, metrics)} with metrics holding mace and
+    miscalibration_area (shown in the legend)."""
+    fig, ax = plt.subplots(figsize=(5.6, 5.4), dpi=120)
+    ax.plot([0, 1], [0, 1], "--", color=COLORS["true"], linewidth=1.0, label="calibrated")
+    for (label, (expected, observed, m)), color in zip(curves.items(),
+                                                        (COLORS["fit"], COLORS["held"])):
+        ax.plot(expected, observed, color=color, linewidth=1.8,
+                label=f"{label} (MACE {m['mace']:.3f}, area {m['miscalibration_area']:.3f})")
+    ax.set(xlabel="expected proportion in the central interval",
+           ylabel="observed proportion", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -134,8 +205,9 @@ def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=No
 
 def loss_comparison_figure(x, y, fits: dict, true_mean=None, true_sigma=None, title: str = ""):
     """One panel per fit, side by side on the same axes: the data, the fit's mean and its
-    mu +- 2 sigma band, the true ones dashed when known, and the fit's metrics in its
-    corner. fits: {loss name: (mu, sigma, final metrics)}."""
+    mu +- 2 sigma band, the true ones dashed when known, the fit's CRPS and MACE in its
+    legend and its other metrics in its corner. fits: {loss name: (mu, sigma, final
+    metrics)}."""
     order = np.argsort(np.asarray(x), kind="stable")
     xs, ys = (np.asarray(a, np.float64)[order] for a in (x, y))
     fig, axes = plt.subplots(1, len(fits), figsize=(5.2 * len(fits), 4.6), dpi=110,
@@ -143,8 +215,11 @@ def loss_comparison_figure(x, y, fits: dict, true_mean=None, true_sigma=None, ti
     for ax, (name, (mu, sigma, final)) in zip(axes[0], fits.items()):
         mu, sigma = (np.asarray(a, np.float64)[order] for a in (mu, sigma))
         ax.scatter(xs, ys, s=5, color=COLORS["data"], alpha=0.35, zorder=1)
+        scores = ", ".join(f"{label} {final[key]:.3f}" for key, label in
+                           (("crps", "CRPS"), ("mace", "MACE")) if key in final)
         ax.fill_between(xs, mu - 2 * sigma, mu + 2 * sigma, color=COLORS["band"], alpha=0.5,
-                        linewidth=0, label=r"$\mu \pm 2\sigma$", zorder=2)
+                        linewidth=0, label=r"$\mu \pm 2\sigma$" + (f" ({scores})" if scores
+                                                                    else ""), zorder=2)
         ax.plot(xs, mu, color=COLORS["fit"], linewidth=2.2, label=r"$\mu$", zorder=3)
         if true_mean is not None:
             tm = np.asarray(true_mean, np.float64)[order]
@@ -157,16 +232,15 @@ def loss_comparison_figure(x, y, fits: dict, true_mean=None, true_sigma=None, ti
                             label=r"true $\pm 2\sigma$" if sign == 1 else None, zorder=4)
         lines = [f"coverage 2$\\sigma$ {final['coverage_2sigma']:.1%}",
                  f"NLL {final['nll']:.3f}"]
-        for key, label in (("mean_rmse", "RMSE($\\mu$, true)"), ("sigma_mae", "$\\sigma$ MAE"),
-                           ("crps", "CRPS"), ("mace", "MACE")):
+        for key, label in (("mean_rmse", "RMSE($\\mu$, true)"), ("sigma_mae", "$\\sigma$ MAE")):
             if key in final:
                 lines.append(f"{label} {final[key]:.3f}")
         ax.text(0.98, 0.03, "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom",
                 fontsize=9, bbox=dict(facecolor="white", alpha=0.85, edgecolor="#cccccc"))
         ax.set(title=name, xlabel="x")
         ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     axes[0][0].set_ylabel("y")
-    axes[0][0].legend(loc="upper left", fontsize=8, framealpha=0.9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

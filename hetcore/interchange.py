@@ -210,3 +210,33 @@ def architecture(state: dict) -> tuple[int, int]:
     if depth == 0 or "layers.0.weight" not in state:
         raise UsageError("weights: missing tensor 'layers.0.weight'")
     return int(np.shape(state["layers.0.weight"])[0]), depth
+
+
+# Metadata of an MSE run's weights: the sigma it reports at every x (the training
+# residuals' RMS), since its variance head was never trained; evaluating them uses it.
+CONSTANT_SIGMA = "constant_sigma"
+
+# The largest weights file `read_model` takes: far beyond any model one device evaluates.
+MAX_WEIGHTS_BYTES = 16 << 30
+
+
+def read_model(path: str, label: str = "--weights") -> tuple[dict[str, np.ndarray], int, int, str]:
+    """An interchange file of any width, depth and dtype: (state dict in module order,
+    width, depth, dtype), its architecture read from its shapes and checked whole; any
+    defect is a UsageError naming the file and the first tensor that does not fit."""
+    state = read(path, label=label, max_bytes=MAX_WEIGHTS_BYTES)
+    where = f"{label} {path}"
+    first = state.get("layers.0.weight")
+    if first is None:
+        raise UsageError(f"{where}: missing tensor 'layers.0.weight'")
+    if np.ndim(first) != 2 or first.shape[0] < 1:
+        raise UsageError(f"{where}: tensor 'layers.0.weight' has shape {tuple(first.shape)}, "
+                         "expected (width, 1)")
+    dtype = str(first.dtype)
+    if dtype not in ("float32", "float64"):
+        raise UsageError(f"{where}: tensor 'layers.0.weight' is {dtype}, expected float32 or "
+                         "float64")
+    width = int(first.shape[0])
+    depth = sum(1 for n in state if n.startswith("layers.") and n.endswith(".weight"))
+    check(state, width, depth, dtype, label=where)
+    return {n: state[n] for n in names(depth)}, width, depth, dtype

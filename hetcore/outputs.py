@@ -18,8 +18,9 @@ import numpy as np
 
 from hetcore.errors import UsageError
 
-RUN_FILES = ("metrics.json", "predictions.csv", "initial_weights.safetensors",
-             "weights.safetensors", "fit.png", "fit.svg")
+RUN_FILES = ("metrics.json", "predictions.csv", "test_predictions.csv",
+             "initial_weights.safetensors", "weights.safetensors", "fit.png", "fit.svg",
+             "loss.png", "loss.svg", "calibration.png", "calibration.svg")
 BOTH_FILES = ("parity.json", "parity.png", "parity.svg", "jax", "torch")
 CHECKPOINTS = ("checkpoint-jax.safetensors", "checkpoint-torch.safetensors")
 
@@ -127,15 +128,21 @@ def write_json(path: str, obj) -> None:
     os.replace(part, path)
 
 
-def write_predictions(path: str, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """CSV `x,mu,sigma`, input order; repr of float64 reads back exactly (float32 values
-    included, since every float32 is a float64)."""
+def write_predictions(path: str, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
+                      y: np.ndarray | None = None) -> None:
+    """CSV `x,mu,sigma` (with y: `x,y,mu,sigma`), input order; repr of float64 reads back
+    exactly (float32 values included, since every float32 is a float64)."""
+    names, arrays = (["x", "mu", "sigma"], [x, mu, sigma]) if y is None else (
+        ["x", "y", "mu", "sigma"], [x, y, mu, sigma])
+    columns = [np.asarray(a, np.float64).reshape(-1).tolist() for a in arrays]
     with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write("x,mu,sigma\n")
-        columns = (np.asarray(a, np.float64).reshape(-1).tolist() for a in (x, mu, sigma))
-        f.writelines(f"{a!r},{b!r},{c!r}\n" for a, b, c in zip(*columns))
+        f.write(",".join(names) + "\n")
+        f.writelines(",".join(map(repr, row)) + "\n" for row in zip(*columns))
 
 
 def read_predictions(path: str) -> dict[str, np.ndarray]:
+    """A predictions file's columns by their header's names."""
+    with open(path, encoding="utf-8") as f:
+        names = f.readline().strip().split(",")
     data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    return {"x": data[:, 0], "mu": data[:, 1], "sigma": data[:, 2]}
+    return {n: data[:, i] for i, n in enumerate(names)}

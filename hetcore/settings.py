@@ -59,7 +59,10 @@ class Settings:
         leave them as in the lecture; "none" always draws synthetic data and weights from
         `seed`.
       seed: None means "the preset's own" (the lecture's data and weights; for "none", 0).
-      chunk_epochs: epochs per compiled chunk; the progress bar moves once per chunk.
+      test_data: held-out data (a --data file); None: for synthetic data, a fresh draw of
+        their law (hetcore.data.held_out), else none. They never change the training.
+      chunk_epochs: epochs per compiled chunk; the progress bar moves once per chunk, and
+        the held-out loss is taken at each chunk's end.
       loop: the training loop (LOOPS), "auto" for the device's fastest.
       checkpoint_every: write a checkpoint every this many epochs (0: never).
       remat: rematerialise the trunk in the backward pass (about sqrt(depth) segments whose
@@ -97,6 +100,7 @@ class Settings:
     dtype: str = LECTURE["dtype"]
     full: bool = False
     data: str | None = None
+    test_data: str | None = None
     init_from: str | None = None
     chunk_epochs: int = 100
     loop: str = "auto"
@@ -232,6 +236,24 @@ def memory_estimate(width: int, depth: int, n_points: int, dtype: str) -> int:
     params = 2 * width + (depth - 1) * (width * width + width) + 2 * (width + 1)
     activations = 4 * n_points * width * depth + 16 * n_points
     return itemsize * (4 * params + activations)
+
+
+def predict_memory_estimate(width: int, depth: int, n_points: int, dtype: str) -> int:
+    """Bytes a forward pass on n_points needs, roughly: the weights, two (N, width) blocks
+    alive at a time, and the inputs and outputs."""
+    itemsize = 8 if dtype == "float64" else 4
+    params = 2 * width + (depth - 1) * (width * width + width) + 2 * (width + 1)
+    return itemsize * (params + 2 * n_points * width + 8 * n_points)
+
+
+def check_predict_memory(width: int, depth: int, dtype: str, n_points: int, capacity: int,
+                         device: str, label: str) -> None:
+    """Refuse, before any work, predictions on `label`'s n_points that cannot fit."""
+    need = predict_memory_estimate(width, depth, n_points, dtype)
+    if need > capacity:
+        raise UsageError(f"{label}: {n_points} points need about {need / 2**30:.1f} GiB to "
+                         f"predict at width {width}, more than the {capacity / 2**30:.1f} GiB "
+                         f"of {device}")
 
 
 def check_memory(settings: "Settings", n_points: int, capacity: int, device: str) -> None:

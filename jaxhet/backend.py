@@ -77,6 +77,7 @@ def versions() -> dict:
 
 
 def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
-           optimizer: dict | None = None, options: EngineOptions = EngineOptions()) -> JaxEngine:
+           optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
+           held_out: tuple[np.ndarray, np.ndarray] | None = None) -> JaxEngine:
     """A compiled engine for the run (jaxhet.engine)."""
-    return JaxEngine(settings, x, y, weights, optimizer, options)
+    return JaxEngine(settings, x, y, weights, optimizer, options, held_out)

@@ -29,6 +29,7 @@ instead of keeping them; less memory, one more trunk forward.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hetcore.backend import Chunk, EngineOptions, Final
+from hetcore.backend import Chunk, EngineOptions, Final, Prediction
 from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
@@ -255,7 +256,8 @@ class JaxEngine:
     in_flight = 2
 
     def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
-                 optimizer: dict | None = None, options: EngineOptions = EngineOptions()):
+                 optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
+                 held_out: tuple[np.ndarray, np.ndarray] | None = None):
         self.loop = DEFAULT_LOOP if settings.loop == "auto" else settings.loop
         if self.loop not in LOOPS:
             raise UsageError(f"--loop {self.loop}: not a jax loop; jax has auto, "
@@ -294,23 +296,39 @@ class JaxEngine:
                signature((params, self.x, self.y, self.h)), dev)
         self.predict = compile_once(predict_jit, key, self.graphdef, self.cfg.loss,
                                     self.cfg.full, params, self.x, self.y, self.h["beta"])
+        self.held = None  # (x, y, their compiled prediction) on the device
+        if held_out is not None:
+            xt, yt = (jax.device_put(a, dev) for a in held_out)
+            key = ("predict", self.graphdef, self.cfg.loss, self.cfg.full,
+                   signature((params, xt, yt, self.h)), dev)
+            self.held = (xt, yt, compile_once(predict_jit, key, self.graphdef, self.cfg.loss,
+                                              self.cfg.full, params, xt, yt, self.h["beta"]))
         self.compile_s = time.perf_counter() - t0
+
+    def _predict_held(self, params):
+        xt, yt, program = self.held
+        return program(params, xt, yt, self.h["beta"])
 
     def launch(self, start: int, count: int, orders=None):
         self.carry, losses, failed = self.runner(self.carry, count, start, orders)
-        return start, count, losses, failed
+        # Queued behind the chunk, read with it: the held-out loss of its final weights
+        # (the next chunk's donation of them waits for this reader).
+        held = None if self.held is None else self._predict_held(self.carry[0])[2]
+        return start, count, losses, failed, held
 
     def read(self, handle) -> Chunk:
         """The carry's `failed` names the update; an update whose loss was finite (the
         epoch's loss then is too) was refused for making the weights non-finite, and the
         weights stayed finite, so no later loss is non-finite."""
-        start, count, losses, failed = handle
+        start, count, losses, failed, held = handle
         losses = np.asarray(losses)[:count]
         t = int(np.asarray(failed)[count - 1])
+        chunk = Chunk(losses, held_out_loss=None if held is None else float(held))
         if t < 0:
-            return Chunk(losses)
+            return chunk
         e, batch = divmod(t, self.cfg.batches)
-        return Chunk(losses, e, bool(np.isfinite(losses[e - start])), batch)
+        return dataclasses.replace(chunk, failed=e, update_failed=bool(
+            np.isfinite(losses[e - start])), batch=batch)
 
     def state(self):
         params, opt_state, _ = self.carry
@@ -323,5 +341,9 @@ class JaxEngine:
     def finish(self) -> Final:
         params = self.carry[0]
         mu, var, loss = self.predict(params, self.x, self.y, self.h["beta"])
+        held = None
+        if self.held is not None:
+            hm, hv, hl = self._predict_held(params)
+            held = Prediction(np.asarray(hm)[:, 0], np.asarray(hv)[:, 0], float(hl))
         return Final(to_state_dict(params), np.asarray(mu)[:, 0], np.asarray(var)[:, 0],
-                     float(loss))
+                     float(loss), held)

@@ -78,7 +78,7 @@ def versions() -> dict:
 
 
 def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
-           optimizer: dict | None = None, options: EngineOptions = EngineOptions()
-           ) -> TorchEngine:
+           optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
+           held_out: tuple[np.ndarray, np.ndarray] | None = None) -> TorchEngine:
     """An engine for the run, warmed up (torchhet.engine)."""
-    return TorchEngine(settings, x, y, weights, optimizer, options)
+    return TorchEngine(settings, x, y, weights, optimizer, options, held_out)

@@ -31,6 +31,7 @@ them; less memory, one more trunk forward.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hetcore.backend import Chunk, EngineOptions, Final
+from hetcore.backend import Chunk, EngineOptions, Final, Prediction
 from hetcore.errors import UsageError
 from hetcore.schedule import batch_sizes, chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
@@ -303,7 +304,8 @@ class TorchEngine:
     in_flight = 1
 
     def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
-                 optimizer: dict | None = None, options: EngineOptions = EngineOptions()):
+                 optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
+                 held_out: tuple[np.ndarray, np.ndarray] | None = None):
         if options.unroll != 1:
             raise UsageError(f"unroll {options.unroll}: torch's loops do not unroll (jax scan "
                              "does)")
@@ -317,6 +319,7 @@ class TorchEngine:
         self.names = [name for name, _ in self.model.named_parameters()]
         self.params = list(self.model.parameters())
         self.x, self.y = to_device(x, dev), to_device(y, dev)
+        self.held = None if held_out is None else tuple(to_device(a, dev) for a in held_out)
         with matmul_precision(self.precision):
             self.runner = make_runner(self.loop, self.model, self.x, self.y, settings, n)
         self.compile_s = self.runner.warmup_s
@@ -366,12 +369,22 @@ class TorchEngine:
                   copy.deepcopy(self.runner.opt.state_dict()))
         with matmul_precision(self.precision):
             self._chunk(start, count, orders)  # losses stay on the device until read
-        return start, count, orders, before
+            held = None if self.held is None else self._predict_held()[2]
+        return start, count, orders, before, held
+
+    def _predict_held(self):
+        """(mu, var, loss) of the current weights on the held-out data, on the device."""
+        s, (xt, yt) = self.settings, self.held
+        with torch.no_grad():
+            mu, var = self.model(xt)
+            return mu, var, training_loss(s.loss, mu, var, yt, s.full, s.beta)
 
     def read(self, handle) -> Chunk:
-        start, count, orders, before = handle
+        start, count, orders, before, held = handle
         # A copy: on a CPU .numpy() shares the losses' memory, which a replay writes again.
         chunk = Chunk.from_losses(start, self.losses[:count].cpu().numpy().copy())
+        if held is not None:
+            chunk = dataclasses.replace(chunk, held_out_loss=float(held))
         if chunk.failed is None and _finite(self.params):
             return chunk
         return self._replay(start, count, orders, before, chunk)
@@ -425,5 +438,9 @@ class TorchEngine:
         with torch.no_grad(), matmul_precision(self.precision):
             mu, var = self.model(self.x)
             value = training_loss(s.loss, mu, var, self.y, s.full, s.beta)
+            held = None
+            if self.held is not None:
+                hm, hv, hl = self._predict_held()
+                held = Prediction(hm[:, 0].cpu().numpy(), hv[:, 0].cpu().numpy(), float(hl))
         return Final(to_state_dict(self.model), mu[:, 0].cpu().numpy(),
-                     var[:, 0].cpu().numpy(), float(value))
+                     var[:, 0].cpu().numpy(), float(value), held)
