@@ -39,6 +39,8 @@ SETTINGS_OPTIONS: dict[str, dict] = {
     "dtype": dict(choices=DTYPES, help="precision of every computation"),
     "full": dict(flag=True, help="add the constant 0.5*log(2*pi) to the loss"),
     "data": dict(metavar="PATH", help=".npz with arrays x and y, or .csv with header x,y"),
+    "test_data": dict(metavar="PATH", shown="for synthetic data, a fresh draw of their law",
+                      help="held-out data to evaluate on, in the --data formats"),
     "init_from": dict(metavar="PATH", help="initial weights (safetensors interchange file)"),
     "chunk_epochs": dict(type=int, metavar="N", help="epochs per compiled chunk (one host "
                          "sync and progress update each)"),

@@ -4,7 +4,9 @@ torchhet.
 For each dtype asked for, from one set of data and initial weights shared by both
 frameworks, it compares: the interchange file's round trip; forward outputs, loss and every
 gradient; one SGD step; the whole run's loss per epoch, final weights and the fitted band
-on a dense grid, the last three against the one-ulp floor (hetcore.criteria); and, in
+on a dense grid, the last three against the one-ulp floor (hetcore.criteria); the metrics
+of both runs' predictions on the training data and the held-out data (hetcore.metrics),
+each within the reach of predictions as far apart as the band checks allow; and, in
 float32, each run's distance from the float64 reference. It prints a table, writes
 `parity.json` and `parity.png`/`.svg` into `--out`, and exits 0 when every check passes,
 1 when one fails, 2 on bad usage or bad input (nothing written then).
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetapps import options, registry
-from hetcore import criteria, data, driver, figures, interchange, outputs
+from hetcore import criteria, data, driver, figures, interchange, metrics, outputs
 from hetcore.errors import UsageError
 from hetcore.settings import BACKENDS, Settings
 
@@ -70,6 +72,8 @@ class Inputs:
     weights_source: str
     grid: dict[str, np.ndarray]  # by dtype: (G, 1)
     modules: dict = field(default_factory=dict)
+    held_out: dict = field(default_factory=dict)  # by dtype: (x, y) (M, 1), when there are
+    held_source: str | None = None
 
 
 def _file_weights(path: str, width: int, depth: int) -> tuple[dict, str]:
@@ -116,13 +120,18 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
     if hi == lo:
         lo, hi = lo - 1.0, hi + 1.0
     grid = np.linspace(lo, hi, args.grid_points).reshape(-1, 1)  # (G, 1)
-    settings, xy, weights, grids = {}, {}, {}, {}
+    held = data.held_out(base, dataset)
+    held_xy = None if held is None else held.columns(dtypes[0])
+    settings, xy, weights, grids, held_out = {}, {}, {}, {}, {}
     for dt in dtypes:
         settings[dt] = base.replace(dtype=dt)
         xy[dt] = (x0.astype(dt), y0.astype(dt))  # float64 from float32: exact
         weights[dt] = interchange.cast(w0, dt)
         grids[dt] = grid.astype(dt)
-    return Inputs(settings, dataset, xy, weights, source, grids, modules)
+        if held_xy is not None:
+            held_out[dt] = tuple(a.astype(dt) for a in held_xy)
+    return Inputs(settings, dataset, xy, weights, source, grids, modules, held_out,
+                  None if held is None else held.source)
 
 
 def _log(quiet: bool, msg: str) -> None:
@@ -197,7 +206,7 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
     runs, twins = {}, {n: [] for n in mods}
     for n, m in mods.items():
         _log(quiet, f"[{dtype}] {n}: {s.epochs} epochs, then {floor_runs} one-ulp twin(s)")
-        runs[n] = driver.train(m, s, x, y, w)
+        runs[n] = driver.train(m, s, x, y, w, held_out=inp.held_out.get(dtype))
         for k in range(floor_runs):
             twins[n].append(driver.train(m, s, x, y, criteria.ulp_perturb(w, seed=k)))
     floor_gaps = [criteria.gap(runs[n].loss_history, t.loss_history)
@@ -216,11 +225,14 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
     band = {n: _grid_predictions(m, runs[n], grid, dev, mse) for n, m in mods.items()}
     twin_band = {n: [_grid_predictions(m, t, grid, dev, mse) for t in twins[n]]
                  for n, m in mods.items()}
+    band_bounds = []
     for i, q in ((0, "mu"), (1, "sigma")):
         pairs = [(band[n][i], tb[i]) for n in mods for tb in twin_band[n]]
         checks.append(criteria.final_floor_check(
             f"{q} on the grid ({grid.shape[0]} points)", band["jax"][i], band["torch"][i],
             pairs, dtype, fixed=fixed))
+        band_bounds.append(checks[-1].bound)
+    checks += _metric_checks(runs, y, inp.held_out.get(dtype), *band_bounds, dtype)
 
     ref_curves = {}
     if reference is not None:
@@ -252,6 +264,26 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
                  "mu_torch": band["torch"][0], "sigma_torch": band["torch"][1]},
         "data": {"x": x[:, 0], "y": y[:, 0]},
     }
+
+
+def _metric_checks(runs: dict, y, held, b_mu: float, b_sigma: float, dtype: str
+                   ) -> list[criteria.Check]:
+    """The metrics of both frameworks' predictions, on the training data and the held-out
+    data, each within the reach of predictions as far apart as the band checks allow."""
+    a, b = runs["jax"], runs["torch"]
+    splits = {"final": (y, (a.mu, a.sigma), (b.mu, b.sigma))}
+    if held is not None:
+        splits["test"] = (held[1], (a.held_out.mu, a.held_out_sigma),
+                          (b.held_out.mu, b.held_out_sigma))
+    checks = []
+    for split, (yy, pa, pb) in splits.items():
+        ma, mb = (metrics.final_metrics(yy, p[0], np.asarray(p[1], np.float64) ** 2, None)
+                  for p in (pa, pb))
+        checks += criteria.metric_checks(
+            split, ma, mb, yy, pa, pb, b_mu, b_sigma, dtype,
+            f"bound: the reach of predictions within the band checks' bounds (mu {b_mu:.3g}, "
+            f"sigma {b_sigma:.3g})")
+    return checks
 
 
 def _reference_run(inp: Inputs, quiet: bool) -> dict:
@@ -313,7 +345,9 @@ def report(inp: Inputs, sections: dict, floor_runs: int) -> dict:
             "floor_lag_epochs": {"value": criteria.FLOOR_LAG, "reason": criteria.FLOOR_LAG_REASON},
             "decorrelated": {"value": criteria.DECORRELATED, "reason": criteria.DECORRELATED_REASON},
             "rounding_ulps": {"value": criteria.ROUNDING_ULPS, "reason": criteria.ROUNDING_REASON},
+            "metrics": {"reason": criteria.METRICS_REASON},
         },
+        "held_out_source": None if inp.held_source is None else inp.held_source,
         "dtypes": {
             dt: {
                 "pass": sec["pass"],

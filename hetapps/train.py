@@ -12,8 +12,8 @@ from hetapps import options, registry
 from hetcore import checkpoint, criteria, data, driver, figures, hostmem, interchange, outputs
 from hetcore.driver import RunResult
 from hetcore.errors import UsageError
-from hetcore.metrics import final_metrics
-from hetcore.settings import Settings, check_memory
+from hetcore.metrics import calibration_curve, final_metrics, EXPECTED
+from hetcore.settings import Settings, check_memory, check_predict_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +31,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def held_out_block(dataset: data.Dataset, x: np.ndarray, y: np.ndarray,
+                   curve: np.ndarray | None = None) -> dict:
+    """metrics.json's `held_out`: where the held-out data came from, and the held-out loss
+    at each chunk's end."""
+    block = {"source": dataset.source, "n_points": int(x.shape[0]),
+             "sha256": checkpoint.data_digest(x, y)}
+    if curve is not None:
+        block["loss_at_chunk_ends"] = {"epochs": [int(e) for e in curve[0]],
+                                       "loss": [float(v) for v in curve[1]]}
+    return block
+
+
+def write_fit_files(stage_dir: str, title: str, dataset: data.Dataset, x, y, mu, var,
+                    held: tuple | None = None) -> dict:
+    """The metrics of predictions on data (and on held-out data), the fit and calibration
+    figures; returns {"final": ..., "test": ...} (test only with held-out data).
+
+    x, y: (N, 1) columns; mu, var: (N,) predictions there; held: (dataset, x, y, mu, var,
+    loss) of held-out data, or None. The true mean and sigma are known for synthetic data.
+    """
+    sigma = np.sqrt(np.asarray(var, np.float64))
+    out = {"final": final_metrics(y, mu, var, None, dataset.true_sigma(), dataset.true_mean())}
+    curves = {"training data": (EXPECTED, calibration_curve(y, mu, sigma), out["final"])}
+    held_fig = None
+    if held is not None:
+        hd, hx, hy, hm, hv, hl = held
+        hs = np.sqrt(np.asarray(hv, np.float64))
+        out["test"] = final_metrics(hy, hm, hv, hl, hd.true_sigma(), hd.true_mean())
+        curves["held-out data"] = (EXPECTED, calibration_curve(hy, hm, hs), out["test"])
+        held_fig = (hx[:, 0], hy[:, 0], hm, hs)
+    figures.save(figures.fit_figure(x[:, 0], y[:, 0], mu, sigma, title, dataset.true_mean(),
+                                    dataset.true_sigma(), held_out=held_fig),
+                 os.path.join(stage_dir, "fit"))
+    figures.save(figures.calibration_figure(curves, f"calibration: {title}"),
+                 os.path.join(stage_dir, "calibration"))
+    return out
+
+
 def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.ndarray,
-              y: np.ndarray, config: dict) -> dict:
-    """All files of one framework's run into `stage_dir`; returns the metrics."""
+              y: np.ndarray, config: dict, held_out: tuple | None = None) -> dict:
+    """All files of one framework's run into `stage_dir`; returns the metrics.
+
+    held_out: (dataset, x, y) of the run's held-out data (result.held_out predicts there),
+    or None."""
     os.makedirs(stage_dir, exist_ok=True)
     epochs = len(result.loss_history)
+    title = f"{result.framework} on {result.device}, {epochs} epochs ({result.dtype})"
+    held = None
+    if held_out is not None:
+        p = result.held_out
+        held = (*held_out, p.mu, p.var, p.loss)
+    evaluated = write_fit_files(stage_dir, title, dataset, x, y, result.mu, result.var, held)
     metrics = {
         "config": config,
         "framework": result.framework,
@@ -43,8 +90,13 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
         "dtype": result.dtype,
         "loop": result.loop,
         "loss_history": [float(v) for v in result.loss_history],
-        "final": final_metrics(y, result.mu, result.var, result.final_loss,
-                               dataset.true_sigma(), dataset.true_mean()),
+        "final": {"loss": float(result.final_loss), **evaluated["final"]},
+    }
+    if held is not None:
+        metrics["test"] = evaluated["test"]
+        metrics["held_out"] = held_out_block(held_out[0], held_out[1], held_out[2],
+                                             result.held_out_curve)
+    metrics |= {
         "timing": {
             "compile_s": result.compile_s,
             "train_s": result.train_s,
@@ -56,14 +108,19 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
     outputs.write_json(os.path.join(stage_dir, "metrics.json"), metrics)
     outputs.write_predictions(os.path.join(stage_dir, "predictions.csv"), x, result.mu,
                               result.sigma)
+    if held is not None:
+        outputs.write_predictions(os.path.join(stage_dir, "test_predictions.csv"),
+                                  held_out[1], result.held_out.mu, result.held_out_sigma,
+                                  y=held_out[2])
     meta = {"framework": result.framework, "dtype": result.dtype}
     interchange.write(os.path.join(stage_dir, "initial_weights.safetensors"),
                       result.initial_weights, meta)
+    if config.get("loss") == "mse":  # the variance head was never trained (driver.train)
+        meta[interchange.CONSTANT_SIGMA] = float(result.sigma[0])
     interchange.write(os.path.join(stage_dir, "weights.safetensors"), result.weights, meta)
-    title = f"{result.framework} on {result.device}, {epochs} epochs ({result.dtype})"
-    fig = figures.fit_figure(x[:, 0], y[:, 0], result.mu, result.sigma, title,
-                             dataset.true_mean(), dataset.true_sigma())
-    figures.save(fig, os.path.join(stage_dir, "fit"))
+    figures.save(figures.loss_figure(result.loss_history, f"loss: {title}",
+                                     result.held_out_curve if held is not None else None),
+                 os.path.join(stage_dir, "loss"))
     return metrics
 
 
@@ -75,6 +132,11 @@ def summary(result: RunResult, metrics: dict) -> str:
             f"{f['coverage_1sigma']:.1%} / {f['coverage_2sigma']:.1%} / {f['coverage_3sigma']:.1%}")
     if "sigma_mae" in f:
         line += f"  sigma_mae {f['sigma_mae']:.4f}"
+    line += f"  crps {f['crps']:.4f}  mace {f['mace']:.4f}"
+    if "test" in metrics:
+        h = metrics["test"]
+        line += (f"\n      held-out: loss {h['loss']:.6f}  crps {h['crps']:.4f}  mace "
+                 f"{h['mace']:.4f}  coverage 2 sigma {h['coverage_2sigma']:.1%}")
     return line
 
 
@@ -96,6 +158,21 @@ def resume_plan(args: argparse.Namespace):
     if any(os.path.exists(os.path.join(out, n)) for n in ("metrics.json", "parity.json")):
         raise UsageError(f"--resume {out}: the run there has finished already")
     return saved.replace(device=given.get("device", saved.device)), out, ckpts
+
+
+def held_out_data(settings: Settings, dataset: data.Dataset, backends: dict, devices: dict
+                  ) -> tuple | None:
+    """(dataset, x, y) of the run's held-out data (hetcore.data.held_out), checked to fit
+    each framework's device for predicting; None without held-out data."""
+    held = data.held_out(settings, dataset)
+    if held is None:
+        return None
+    hx, hy = held.columns(settings.dtype)
+    for n, b in backends.items():
+        check_predict_memory(settings.width, settings.depth, settings.dtype, hx.shape[0],
+                             b.memory_bytes(devices[n]), b.describe(devices[n]),
+                             "--test-data" if settings.test_data else "the held-out draw")
+    return held, hx, hy
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = data.for_settings(settings)
     x, y = dataset.columns(settings.dtype)
     check_fits(x.shape[0])
+    held_out = held_out_data(settings, dataset, backends, devices)
     if ckpts:
         c = next(iter(ckpts.values()))
         weights, weights_source = c.initial_weights, c.extra.get("init_source", "checkpoint")
@@ -137,22 +215,27 @@ def run(args: argparse.Namespace) -> int:
             b, settings, x, y, weights, progress=not args.no_progress, resume=ckpts.get(n),
             checkpoint_path=(os.path.join(out, checkpoint.filename(n))
                              if settings.checkpoint_every else None),
-            checkpoint_extra={"init_source": weights_source})
+            checkpoint_extra={"init_source": weights_source},
+            held_out=None if held_out is None else held_out[1:])
 
     with outputs.staged(out) as stage:
-        lines = []
+        lines, written = [], {}
         for n, r in results.items():
             where = os.path.join(stage, n) if len(results) > 1 else stage
-            metrics = write_run(where, r, dataset, x, y, config)
-            lines.append(summary(r, metrics))
+            written[n] = write_run(where, r, dataset, x, y, config, held_out)
+            lines.append(summary(r, written[n]))
         if len(results) == 2:
-            report = criteria.compare(results["jax"], results["torch"])
+            report = criteria.compare(results["jax"], results["torch"], y[:, 0],
+                                      None if held_out is None else held_out[2][:, 0],
+                                      (written["jax"], written["torch"]))
             outputs.write_json(os.path.join(stage, "parity.json"), report)
             figures.save(figures.parity_figure(results["jax"], results["torch"], x),
                          os.path.join(stage, "parity"))
             lines.append(
                 f"parity: max |loss gap| {report['loss_history']['max_abs']:.3g}, "
-                f"max |sigma gap| {report['sigma']['max_abs']:.3g}"
+                f"max |sigma gap| {report['sigma']['max_abs']:.3g}; metrics "
+                + ("within" if report["metrics"]["pass"] else "NOT within")
+                + " the reach of the predictions' gaps"
             )
         if not settings.checkpoint_every:  # checkpoints of a run this one replaces
             for fw in registry.PACKAGES:

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "epoch's matmul floor measured in the same run; --sweep scans points x width.")
     # The run's own options; a variant brings its loop, float32 and float64 are both run
     # (the agreement check), and --remat here times every variant both ways.
-    options.add_settings(p, exclude=("framework", "dtype", "full", "data", "init_from", "loop",
-                                     "checkpoint_every", "remat"))
+    options.add_settings(p, exclude=("framework", "dtype", "full", "data", "test_data",
+                                     "init_from", "loop", "checkpoint_every", "remat"))
     p.add_argument("--variants", default="all",
                    help="comma-separated framework:loop names (e.g. jax:scan,torch:optim); "
                    "'all' (default) takes every loop the device has")
