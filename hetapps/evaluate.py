@@ -17,11 +17,16 @@ import numpy as np
 
 from hetapps import options, registry
 from hetapps.train import write_fit_files
-from hetcore import checkpoint, data, interchange, outputs
+from hetcore import checkpoint, data, hostmem, interchange, outputs
 from hetcore.errors import UsageError
 from hetcore.settings import BACKENDS, DEVICES, PRESETS, Settings, check_predict_memory
 
 SPLITS = ("train", "held-out")
+# Points predicted per call: the activations of one batch stay in cache-sized blocks
+# (65536 x 512 float32 is 128 MiB a layer) and memory stays bounded for any N; rows are
+# independent, and the batched predictions equal the unbatched ones bit for bit in both
+# frameworks (tests/test_evaluate.py). docs/performance.md has the measured times.
+PREDICT_BATCH = 65536
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,17 +76,38 @@ def dataset_for(args: argparse.Namespace, dtype: str) -> data.Dataset:
     return training
 
 
+def predict(backend, weights: dict, x: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, var) at x (N, 1), PREDICT_BATCH points at a time; the last batch is padded to
+    the batch size (its last point repeated), so that JAX compiles one program."""
+    if x.shape[0] <= PREDICT_BATCH:
+        mu, var, _ = backend.predict(weights, x, device)
+        return np.asarray(mu)[:, 0], np.asarray(var)[:, 0]
+    mus, vars_ = [], []
+    for start in range(0, x.shape[0], PREDICT_BATCH):
+        part = x[start:start + PREDICT_BATCH]
+        n = part.shape[0]
+        if n < PREDICT_BATCH:
+            part = np.concatenate([part, np.repeat(part[-1:], PREDICT_BATCH - n, 0)])
+        mu, var, _ = backend.predict(weights, part, device)
+        mus.append(np.asarray(mu)[:n, 0])
+        vars_.append(np.asarray(var)[:n, 0])
+    return np.concatenate(mus), np.concatenate(vars_)
+
+
 def run(args: argparse.Namespace) -> int:
     out = args.out or outputs.default_out(f"evaluate-{args.framework}")
     outputs.check_out(out, args.overwrite)
     weights, width, depth, dtype = interchange.read_model(args.weights)
     meta = interchange.read_metadata(args.weights)
+    host_malloc = hostmem.keep_freed_memory()  # before a framework allocates anything
     backend = registry.backend(args.framework)
     device = backend.resolve_device(args.device)
 
     def check_fits(n: int, label: str) -> None:
-        check_predict_memory(width, depth, dtype, n, backend.memory_bytes(device),
-                             backend.describe(device), label)
+        # the data, the predictions and one batch's forward pass
+        check_predict_memory(width, depth, dtype, min(n, PREDICT_BATCH),
+                             backend.memory_bytes(device) - 64 * n, backend.describe(device),
+                             label)
 
     if args.data is None and args.n_points is not None:
         check_fits(args.n_points, "--n-points")  # before drawing the points
@@ -89,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     x, y = dataset.columns(dtype)
     check_fits(x.shape[0], f"--data {args.data}" if args.data else "the synthetic draw")
     t0 = time.perf_counter()
-    mu, var, _ = backend.predict(weights, x, args.device)
-    mu, var = np.asarray(mu)[:, 0], np.asarray(var)[:, 0]
+    mu, var = predict(backend, weights, x, args.device)
     predict_s = time.perf_counter() - t0
     constant = meta.get(interchange.CONSTANT_SIGMA)
     if constant is not None:  # an MSE run's weights: the sigma it reported, at every x
@@ -113,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             "weights_metadata": meta,
             "architecture": {"width": width, "depth": depth},
             "timing": {"predict_s": predict_s, "metrics_and_figures_s": metrics_s},
+            "host_malloc": host_malloc,
             "versions": backend.versions(),
         }
         outputs.write_json(os.path.join(stage, "metrics.json"), report)

@@ -57,19 +57,23 @@ def evaluate(settings: Settings) -> dict:
     """One run's figures: sigma MAE and the oracle's, coverage, mean RMSE, seconds."""
     backend = registry.backend(settings.framework)
     ds = data.for_settings(settings)
+    held = data.held_out(settings, ds)
     x, y = ds.columns(settings.dtype)
+    hx, hy = held.columns(settings.dtype)
     t0 = time.perf_counter()
     weights, _ = driver.initial_weights(settings, backend)
-    r = driver.train(backend, settings, x, y, weights)
+    r = driver.train(backend, settings, x, y, weights, held_out=(hx, hy))
     seconds = time.perf_counter() - t0
     final = metrics.final_metrics(y, r.mu, r.var, r.final_loss, ds.true_sigma(),
                                   ds.true_mean())
+    test = metrics.final_metrics(hy, r.held_out.mu, r.held_out.var, r.held_out.loss)
     oracle, bandwidth = metrics.oracle_sigma_mae(ds.x, ds.y, ds.true_mean(), ds.true_sigma())
     return {"seed": settings.seed, "framework": settings.framework, "seconds": seconds,
             "sigma_mae": final["sigma_mae"], "oracle_sigma_mae": oracle,
             "oracle_bandwidth": bandwidth, "ratio": final["sigma_mae"] / oracle,
             "coverage_2sigma": final["coverage_2sigma"], "mean_rmse": final["mean_rmse"],
-            "final_loss": final["loss"]}
+            "final_loss": final["loss"], "test_crps": test["crps"], "test_mace": test["mace"],
+            "test_coverage_2sigma": test["coverage_2sigma"]}
 
 
 def passes(run: dict) -> bool:
@@ -85,11 +89,13 @@ def summary(name: str, runs: list[dict]) -> str:
 
     return (f"| {name} | {span('ratio', '{:.2f}')} | {span('sigma_mae', '{:.4f}')} | "
             f"{span('coverage_2sigma', '{:.1%}')} | {span('mean_rmse', '{:.3f}')} | "
-            f"{span('seconds', '{:.0f}')} | {sum(passes(r) for r in runs)}/{len(runs)} |")
+            f"{span('seconds', '{:.0f}')} | {span('test_crps', '{:.4f}')} | "
+            f"{span('test_mace', '{:.3f}')} | {sum(passes(r) for r in runs)}/{len(runs)} |")
 
 
 HEADER = ("| candidate | sigma MAE / oracle | sigma MAE | 2-sigma coverage | RMSE(mu, sin) | "
-          "seconds | pass |\n| --- | --- | --- | --- | --- | --- | --- |")
+          "seconds | held-out CRPS | held-out MACE | pass |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def build_parser() -> argparse.ArgumentParser:

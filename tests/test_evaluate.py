@@ -114,3 +114,62 @@ def test_an_existing_run_is_not_overwritten(run_dir, capsys):
                           "--out", str(run_dir)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert {n: (run_dir / n).read_bytes() for n in os.listdir(run_dir)} == before
+
+
+def test_test_data_file_is_the_held_out_data(tmp_path, capsys):
+    held = tmp_path / "held.npz"
+    rng = np.random.default_rng(0)
+    hx = np.linspace(-2, 2, 37)
+    np.savez(held, x=hx, y=np.sin(hx) + 0.1 * rng.standard_normal(37))
+    out = tmp_path / "run"
+    assert train.main(BASE + ["--test-data", str(held), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["held_out"]["source"] == os.path.abspath(held) and m["held_out"]["n_points"] == 37
+    assert "sigma_mae" not in m["test"] and "sigma_mae" in m["final"]
+    assert m["config"]["test_data"] == str(held)
+    curve = m["held_out"]["loss_at_chunk_ends"]
+    assert curve["epochs"][-1] == 60 and curve["loss"][-1] == m["test"]["loss"]
+    p = outputs.read_predictions(str(out / "test_predictions.csv"))
+    np.testing.assert_array_equal(p["x"], hx.astype(np.float32))  # the run's dtype
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,z\n1,2\n")
+    out2 = tmp_path / "run2"
+    assert train.main(BASE + ["--test-data", str(bad), "--out", str(out2)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --test-data ") and "header" in err and not out2.exists()
+
+
+def test_resume_refuses_other_held_out_data(tmp_path, capsys):
+    held = tmp_path / "held.csv"
+    held.write_text("x,y\n0,0\n1,0.8\n")
+    run = ["--preset", "none", "--width", "4", "--epochs", "20", "--n-points", "10",
+           "--no-progress", "--checkpoint-every", "5", "--test-data", str(held)]
+    done = tmp_path / "done"
+    assert train.main(run + ["--out", str(done)]) == 0
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    ck = "checkpoint-jax.safetensors"
+    (unfinished / ck).write_bytes((done / ck).read_bytes())
+    held.write_text("x,y\n0,0\n1,0.9\n")
+    assert train.main(["--resume", str(unfinished), "--no-progress"]) == 2
+    assert "held-out data differ" in capsys.readouterr().err
+    held.write_text("x,y\n0,0\n1,0.8\n")
+    assert train.main(["--resume", str(unfinished), "--no-progress"]) == 0
+    a = json.loads((unfinished / "metrics.json").read_text())
+    b = json.loads((done / "metrics.json").read_text())
+    assert a["held_out"] == b["held_out"] and a["test"] == b["test"]
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_batched_predictions_equal_one_pass(framework, small_state, monkeypatch):
+    from hetapps import registry
+
+    backend = registry.backend(framework)
+    w = small_state(width=16, depth=2)
+    x = np.linspace(-3, 3, 50, dtype=np.float32).reshape(-1, 1)
+    mu, var, _ = backend.predict(w, x, "cpu")
+    monkeypatch.setattr(evaluate, "PREDICT_BATCH", 7)  # 7 batches, the last one padded
+    bmu, bvar = evaluate.predict(backend, w, x, "cpu")
+    np.testing.assert_array_equal(bmu, mu[:, 0])
+    np.testing.assert_array_equal(bvar, var[:, 0])

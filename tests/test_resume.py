@@ -59,9 +59,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, framework):
     m_cut, w_cut = results_of(cut)
     assert m_cut["config"]["resumed_from_epoch"][framework] >= epoch
     assert m_cut["loss_history"] == m_full["loss_history"]
+    assert m_cut["held_out"] == m_full["held_out"]  # the held-out loss of every chunk's end
+    assert m_cut["test"] == m_full["test"]
     for n in w_full:
         np.testing.assert_array_equal(w_cut[n], w_full[n], err_msg=n)
-    for name in ("predictions.csv", "initial_weights.safetensors"):
+    for name in ("predictions.csv", "test_predictions.csv", "initial_weights.safetensors"):
         assert open(os.path.join(cut, name), "rb").read() == open(os.path.join(full, name), "rb").read()
 
 
