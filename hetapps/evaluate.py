@@ -22,10 +22,11 @@ from hetcore.errors import UsageError
 from hetcore.settings import BACKENDS, DEVICES, PRESETS, Settings, check_predict_memory
 
 SPLITS = ("train", "held-out")
-# Points predicted per call: the activations of one batch stay in cache-sized blocks
-# (65536 x 512 float32 is 128 MiB a layer) and memory stays bounded for any N; rows are
-# independent, and the batched predictions equal the unbatched ones bit for bit in both
-# frameworks (tests/test_evaluate.py). docs/performance.md has the measured times.
+# Points predicted per call: memory stays bounded for any N (65536 x 512 float32 is 128 MiB
+# a layer) and the host is spared page faults of GBs of activations. Rows are independent;
+# the batched predictions equal one pass to float32 rounding (a product of fewer rows may
+# take another kernel), bit for bit as measured at this size. docs/performance.md has the
+# times.
 PREDICT_BATCH = 65536
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hetapps import evaluate, train
-from hetcore import interchange, outputs
+from hetcore import criteria, interchange, outputs
 
 BASE = ["--preset", "none", "--seed", "5", "--width", "8", "--depth", "2", "--epochs", "60",
         "--device", "cpu", "--no-progress"]
@@ -169,7 +169,11 @@ def test_batched_predictions_equal_one_pass(framework, small_state, monkeypatch)
     w = small_state(width=16, depth=2)
     x = np.linspace(-3, 3, 50, dtype=np.float32).reshape(-1, 1)
     mu, var, _ = backend.predict(w, x, "cpu")
-    monkeypatch.setattr(evaluate, "PREDICT_BATCH", 7)  # 7 batches, the last one padded
+    monkeypatch.setattr(evaluate, "PREDICT_BATCH", 7)  # 8 batches, the last one padded
     bmu, bvar = evaluate.predict(backend, w, x, "cpu")
-    np.testing.assert_array_equal(bmu, mu[:, 0])
-    np.testing.assert_array_equal(bvar, var[:, 0])
+    # Rows are independent, but a product of 7 rows may take another kernel than one of
+    # 50 and round otherwise: float32's single-step bound. (At 65536-point batches of 10^6
+    # points both frameworks were measured bit for bit equal to one pass.)
+    tol = criteria.SINGLE_STEP["float32"].tol
+    np.testing.assert_allclose(bmu, mu[:, 0], rtol=tol, atol=tol)
+    np.testing.assert_allclose(bvar, var[:, 0], rtol=tol, atol=tol)
