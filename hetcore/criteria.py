@@ -1,4 +1,4 @@
-"""Comparing the two frameworks (framework-neutral, numpy only).
+"""Comparing the two frameworks (framework-neutral: numpy and scipy).
 
 Three kinds of comparison live here, each with its bound and the reason for it:
 

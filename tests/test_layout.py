@@ -79,7 +79,7 @@ def _imports(path):
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_each_layer_imports_only_what_lies_below_it(package):
-    # hetcore is numpy only: it never reaches a framework, not inside a function and not by
+    # hetcore reaches no framework, not inside a function and not by
     # name through importlib; the commands (hetapps) choose the framework. Each framework
     # package never imports the other, nor the commands above it.
     bad = []
