@@ -17,7 +17,7 @@ from flax import nnx
 from hetcore.backend import EngineOptions
 from hetcore.settings import OPTION_DEFAULTS, Settings
 from jaxhet.device import describe, memory_bytes, platform, resolve_device  # noqa: F401
-from jaxhet.device import enable_x64
+from jaxhet.device import enable_x64, x64_tracing
 from jaxhet.engine import LOOPS, JaxEngine, loss_fn, predict_jit
 from jaxhet.model import HeteroscedasticMLP
 from jaxhet.weights import put, to_state_dict
@@ -51,7 +51,8 @@ def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = Fal
     graphdef, params, dev = _inputs(weights, x, device)
     xs = jax.device_put(np.asarray(x), dev)
     ys = jax.device_put(np.asarray(x if y is None else y), dev)
-    mu, var, value = predict_jit(graphdef, loss, full, params, xs, ys, _beta(x, beta))
+    with x64_tracing():
+        mu, var, value = predict_jit(graphdef, loss, full, params, xs, ys, _beta(x, beta))
     return np.asarray(mu), np.asarray(var), (None if y is None else float(value))
 
 
@@ -60,9 +61,10 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
                   ) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and the gradient of every parameter, gradients as a torch-layout state dict."""
     graphdef, params, dev = _inputs(weights, x, device)
-    value, grads = _loss_and_grad_jit(params, graphdef, jax.device_put(x, dev),
-                                      jax.device_put(y, dev), full, False, loss,
-                                      _beta(x, beta))
+    with x64_tracing():
+        value, grads = _loss_and_grad_jit(params, graphdef, jax.device_put(x, dev),
+                                          jax.device_put(y, dev), full, False, loss,
+                                          _beta(x, beta))
     return float(value), to_state_dict(grads)
 
 

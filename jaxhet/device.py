@@ -47,6 +47,21 @@ def enable_x64(dtype: str) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+def x64_tracing():
+    """The context every jaxhet program is traced in: x64 mode on.
+
+    Traced code that mixes a Python float with an integer array computes in the default
+    float type, float64 in x64 mode and float32 without: optax's Adam bias correction
+    `1 - b**count` is such a term. Traced without a fixed mode, a float32 run would round
+    differently once any float64 run had switched x64 on in the same process (measured: the
+    float32 Adam runs of parity_tests/test_recipes.py moved by ~1e-6 and passed or failed
+    their bound by the order the tests ran in). Traced in x64 mode, every float32 program
+    is the same whatever ran before, and its bias corrections are computed in float64 and
+    rounded once, as torch.optim computes them in Python floats. Every array the programs
+    take or make has an explicit dtype, so nothing else in a float32 run changes."""
+    return jax.enable_x64(True)
+
+
 def describe(device: jax.Device) -> str:
     kind = getattr(device, "device_kind", "") or device.platform
     return f"{device.platform}:{device.id} ({kind})"

@@ -45,7 +45,7 @@ from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
 from jaxhet import optim
-from jaxhet.device import describe, resolve_device
+from jaxhet.device import describe, resolve_device, x64_tracing
 from jaxhet.model import PRECISIONS, training_loss
 from jaxhet.weights import put, to_state_dict
 
@@ -203,7 +203,8 @@ def signature(tree) -> tuple:
 def compile_once(fn, key, *args):
     """Ahead-of-time compile, cached by what shapes the program (never by values)."""
     if key not in _compiled:
-        _compiled[key] = fn.lower(*args).compile()
+        with x64_tracing():  # the same program whatever the process's x64 mode
+            _compiled[key] = fn.lower(*args).compile()
     return _compiled[key]
 
 

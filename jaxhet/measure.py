@@ -10,7 +10,7 @@ import numpy as np
 from hetcore.backend import EngineOptions
 from hetcore.settings import Settings
 from hetcore.timing import timed
-from jaxhet.device import enable_x64, resolve_device
+from jaxhet.device import enable_x64, resolve_device, x64_tracing
 from jaxhet.engine import JaxEngine, _step, loss_fn
 from jaxhet.model import PRECISION
 from jaxhet.weights import put
@@ -82,9 +82,10 @@ def epoch_flops(settings: Settings, x, y, weights) -> float:
     counts them (matrix products and element-wise work)."""
     e = JaxEngine(settings.replace(loop="step"), x, y, weights)
     order = np.zeros(len(x), np.int32) if e.cfg.batches > 1 else None
-    compiled = jax.jit(_step, static_argnums=(0, 1)).lower(
-        e.graphdef, e.cfg, e.carry, e.x, e.y, e.h, jnp.asarray(True), np.int32(0),
-        order).compile()
+    with x64_tracing():  # as the engine traces it
+        compiled = jax.jit(_step, static_argnums=(0, 1)).lower(
+            e.graphdef, e.cfg, e.carry, e.x, e.y, e.h, jnp.asarray(True), np.int32(0),
+            order).compile()
     return float(_cost(compiled).get("flops", float("nan")))
 
 

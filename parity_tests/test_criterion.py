@@ -174,3 +174,21 @@ def test_reference_check_allows_what_a_one_ulp_nudge_moves_the_run():
     assert not strict.ok
     fair, _ = criteria.reference_check("torch", jump, others, ref, "float32", own_twins=[close])
     assert fair.ok, fair.message()
+
+
+def test_reference_fallback_judges_a_gap_by_the_float64_run():
+    ref = np.linspace(-0.01, 0.01, 50)  # small values: the one-ulp floor decides, not 4 ulps
+    rng = np.random.default_rng(3)
+    near = lambda s: ref + s * rng.standard_normal(50)  # noqa: E731
+    a, b = near(1e-7), near(1e-7)  # apart by ~1e-7, each ~1e-7 from float64
+    twins_a, twins_b = [a + 1e-10], [b + 1e-10]
+    floor = criteria.final_floor_check("w", a, b, [(a, twins_a[0]), (b, twins_b[0])],
+                                       "float32")
+    assert not floor.ok  # the nudge predicts ~1e-10
+    fair = criteria.final_reference_fallback(floor, a, b, ref, twins_a, twins_b)
+    assert fair.ok and "float64" in fair.detail
+    wrong = near(1e-5)  # one framework far from the exact run: not rounding
+    floor = criteria.final_floor_check("w", wrong, b, [(b, twins_b[0])], "float32")
+    assert not criteria.final_reference_fallback(floor, wrong, b, ref, [wrong], twins_b).ok
+    passed = criteria.final_floor_check("w", a, a, [(a, a + 1e-7)], "float32")
+    assert criteria.final_reference_fallback(passed, a, a, ref, [], []) is passed

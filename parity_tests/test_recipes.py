@@ -15,7 +15,7 @@ import pytest
 
 import jaxhet.backend as jb
 import torchhet.backend as tb
-from hetcore import criteria
+from hetcore import criteria, driver, interchange
 from hetcore.settings import Settings
 from parity_support import (DTYPES, INITS, dataset, floor_gaps, grid, init_state,
                             single_step_checks, train_pair, twin_pairs)
@@ -90,29 +90,54 @@ def test_recipe_trajectory_and_band(device, dtype, combo):
                  **OPTIMIZERS[optimizer], **SCHEDULES[schedule])
     pair = train_pair(s, x, y, w, twins=1)
     fixed = FLOAT64_FIXED if dtype == "float64" else 0.0
+    # float32: the float64 run from the same data and weights (cast exactly) judges a final
+    # array that parts by more than the one-ulp nudge predicts (criteria.
+    # REFERENCE_FALLBACK_REASON: per-update rounding of mini-batch and adaptive runs
+    # differs between frameworks, and by how much depends on the CPU's kernels).
+    ref = None
+    if dtype == "float32":
+        ref = driver.train(tb, s.replace(framework="torch", dtype="float64"),
+                           x.astype("float64"), y.astype("float64"),
+                           interchange.cast(w, "float64"))
+
+    def judged(check, get):
+        if ref is None:
+            return check
+        return criteria.final_reference_fallback(
+            check, get(pair["jax"]), get(pair["torch"]), get(ref),
+            [get(t) for t in pair["twins"]["jax"]], [get(t) for t in pair["twins"]["torch"]])
+
     check, _ = criteria.floor_check("loss per epoch", pair["jax"].loss_history,
                                     pair["torch"].loss_history, floor_gaps(pair), dtype,
                                     fixed=0.0)
     checks = [check]
     for name in w:
-        checks.append(criteria.final_floor_check(
+        checks.append(judged(criteria.final_floor_check(
             f"final {name}", pair["jax"].weights[name], pair["torch"].weights[name],
-            twin_pairs(pair, lambda r: r.weights[name]), dtype))
+            twin_pairs(pair, lambda r: r.weights[name]), dtype), lambda r: r.weights[name]))
     xg = grid(201, dtype, -3.5, 3.5)
     mods = {"jax": jb, "torch": tb}
 
     def band(name, result):
-        mu, var, _ = mods[name].predict(result.weights, xg, device)
+        grid_x = xg if result.dtype == dtype else xg.astype(result.dtype)
+        mu, var, _ = mods[name].predict(result.weights, grid_x, device)
         sigma = (np.full(len(xg), np.sqrt(np.mean(result.var.astype(np.float64))))
                  if loss == "mse" else np.sqrt(np.asarray(var, np.float64)[:, 0]))
         return np.asarray(mu, np.float64)[:, 0], sigma
 
     bands = {n: band(n, pair[n]) for n in mods}
     twins = [(bands[n], band(n, t)) for n in mods for t in pair["twins"][n]]
+    cache = {}  # band of each result, by id
+
+    def band_of(r, k):
+        name = "torch" if r is ref else next(n for n in mods if r is pair[n]
+                                             or any(r is t for t in pair["twins"][n]))
+        return cache.setdefault(id(r), band(name, r))[k]
+
     for k, q in ((0, "mu"), (1, "sigma")):
-        checks.append(criteria.final_floor_check(
+        checks.append(judged(criteria.final_floor_check(
             f"{q} on the grid", bands["jax"][k], bands["torch"][k],
-            [(a[k], b[k]) for a, b in twins], dtype))
+            [(a[k], b[k]) for a, b in twins], dtype), lambda r, k=k: band_of(r, k)))
     if fixed:
         checks.append(criteria.check_close(
             "loss per epoch (1e-10)", pair["jax"].loss_history, pair["torch"].loss_history,
