@@ -4,6 +4,8 @@ file, of either framework's making, evaluated on data in either framework.
 It writes into --out: metrics.json (`metrics`: the scores, calibration metrics and
 coverage of hetcore.metrics, and sigma_mae for synthetic data; `framework`, `device`,
 `data`, `weights`), predictions.csv (`x,y,mu,sigma`), and the fit and calibration figures.
+An ensemble's stacked file (a leading member axis on every tensor) is evaluated as its
+members' Gaussian mixture, each member's own metrics under `members`.
 Exit 0 on success, 2 on bad usage or input (one line, nothing written).
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from hetapps import options, registry
 from hetapps.train import write_fit_files
-from hetcore import checkpoint, data, hostmem, interchange, outputs
+from hetcore import checkpoint, data, hostmem, interchange, metrics, outputs
 from hetcore.errors import UsageError
 from hetcore.settings import BACKENDS, DEVICES, PRESETS, Settings, check_predict_memory
 
@@ -98,17 +100,17 @@ def predict(backend, weights: dict, x: np.ndarray, device: str) -> tuple[np.ndar
 def run(args: argparse.Namespace) -> int:
     out = args.out or outputs.default_out(f"evaluate-{args.framework}")
     outputs.check_out(out, args.overwrite)
-    weights, width, depth, dtype = interchange.read_model(args.weights)
+    weights, width, depth, dtype, members = interchange.read_model(args.weights)
     meta = interchange.read_metadata(args.weights)
     host_malloc = hostmem.keep_freed_memory()  # before a framework allocates anything
     backend = registry.backend(args.framework)
     device = backend.resolve_device(args.device)
 
     def check_fits(n: int, label: str) -> None:
-        # the data, the predictions and one batch's forward pass
+        # the data, the predictions (each member's too) and one batch's forward pass
         check_predict_memory(width, depth, dtype, min(n, PREDICT_BATCH),
-                             backend.memory_bytes(device) - 64 * n, backend.describe(device),
-                             label)
+                             backend.memory_bytes(device) - (64 + 16 * (members or 0)) * n,
+                             backend.describe(device), label)
 
     if args.data is None and args.n_points is not None:
         check_fits(args.n_points, "--n-points")  # before drawing the points
@@ -116,16 +118,22 @@ def run(args: argparse.Namespace) -> int:
     x, y = dataset.columns(dtype)
     check_fits(x.shape[0], f"--data {args.data}" if args.data else "the synthetic draw")
     t0 = time.perf_counter()
-    mu, var = predict(backend, weights, x, args.device)
+    each = None
+    if members is None:
+        mu, var = predict(backend, weights, x, args.device)
+        constant = meta.get(interchange.CONSTANT_SIGMA)
+        if constant is not None:  # an MSE run's weights: the sigma it reported, at every x
+            var = np.full_like(var, np.asarray(constant, np.float64) ** 2)
+    else:  # an ensemble: each member's Gaussians, then their mixture
+        each = [predict(backend, w, x, args.device) for w in interchange.unstack(weights)]
+        mu, var = metrics.mixture([m for m, _ in each], [v for _, v in each])
     predict_s = time.perf_counter() - t0
-    constant = meta.get(interchange.CONSTANT_SIGMA)
-    if constant is not None:  # an MSE run's weights: the sigma it reported, at every x
-        var = np.full_like(var, np.asarray(constant, np.float64) ** 2)
     name = os.path.basename(args.weights)
     title = f"{args.framework} on {backend.describe(device)}: {name} ({dtype})"
     with outputs.staged(out) as stage:
         t0 = time.perf_counter()
-        evaluated = write_fit_files(stage, title, dataset, x, y, mu, var)
+        evaluated = write_fit_files(stage, title, dataset, x, y, mu, var, members=each,
+                                    label=f"data: {dataset.source}")
         metrics_s = time.perf_counter() - t0
         report = {
             "metrics": evaluated["final"],
@@ -137,11 +145,13 @@ def run(args: argparse.Namespace) -> int:
             "n_points": int(x.shape[0]),
             "weights": os.path.abspath(args.weights),
             "weights_metadata": meta,
-            "architecture": {"width": width, "depth": depth},
+            "architecture": {"width": width, "depth": depth, "members": members},
             "timing": {"predict_s": predict_s, "metrics_and_figures_s": metrics_s},
             "host_malloc": host_malloc,
             "versions": backend.versions(),
         }
+        if each is not None:
+            report["members"] = evaluated["members"]
         outputs.write_json(os.path.join(stage, "metrics.json"), report)
         outputs.write_predictions(os.path.join(stage, "predictions.csv"), x, mu,
                                   np.sqrt(var.astype(np.float64)), y=y)

@@ -44,16 +44,20 @@ def held_out_block(dataset: data.Dataset, x: np.ndarray, y: np.ndarray,
 
 
 def write_fit_files(stage_dir: str, title: str, dataset: data.Dataset, x, y, mu, var,
-                    held: tuple | None = None) -> dict:
+                    held: tuple | None = None, members: list | None = None,
+                    label: str = "training data") -> dict:
     """The metrics of predictions on data (and on held-out data), the fit and calibration
     figures; returns {"final": ..., "test": ...} (test only with held-out data).
 
     x, y: (N, 1) columns; mu, var: (N,) predictions there; held: (dataset, x, y, mu, var,
     loss) of held-out data, or None. The true mean and sigma are known for synthetic data.
+    members: an ensemble's (mu_k, var_k) at x, (mu, var) being their mixture: `members` of
+    the result holds each one's metrics, and the fit figure draws them faintly.
+    label: what (x, y) are called in the figures.
     """
     sigma = np.sqrt(np.asarray(var, np.float64))
     out = {"final": final_metrics(y, mu, var, None, dataset.true_sigma(), dataset.true_mean())}
-    curves = {"training data": (EXPECTED, calibration_curve(y, mu, sigma), out["final"])}
+    curves = {label: (EXPECTED, calibration_curve(y, mu, sigma), out["final"])}
     held_fig = None
     if held is not None:
         hd, hx, hy, hm, hv, hl = held
@@ -61,8 +65,14 @@ def write_fit_files(stage_dir: str, title: str, dataset: data.Dataset, x, y, mu,
         out["test"] = final_metrics(hy, hm, hv, hl, hd.true_sigma(), hd.true_mean())
         curves["held-out data"] = (EXPECTED, calibration_curve(hy, hm, hs), out["test"])
         held_fig = (hx[:, 0], hy[:, 0], hm, hs)
+    drawn = None
+    if members is not None:
+        out["members"] = [final_metrics(y, mk, vk, None, dataset.true_sigma(),
+                                        dataset.true_mean()) for mk, vk in members]
+        drawn = [(mk, np.sqrt(np.asarray(vk, np.float64))) for mk, vk in members]
     figures.save(figures.fit_figure(x[:, 0], y[:, 0], mu, sigma, title, dataset.true_mean(),
-                                    dataset.true_sigma(), held_out=held_fig),
+                                    dataset.true_sigma(), held_out=held_fig, label=label,
+                                    members=drawn),
                  os.path.join(stage_dir, "fit"))
     figures.save(figures.calibration_figure(curves, f"calibration: {title}"),
                  os.path.join(stage_dir, "calibration"))

@@ -26,7 +26,7 @@ def _drawn(n: int) -> np.ndarray:
 
 
 def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None, held_out=None,
-               label: str = "training data"):
+               label: str = "training data", members=None):
     """Two panels sharing x. Above: the data (held-out points apart, hollow), the mean, the
     mu +- 2 sigma band, and the true ones dashed when known. Below: the standardised
     residuals (y - mu) / sigma, with the +-1 and +-2 lines a calibrated fit keeps about 68%
@@ -34,6 +34,8 @@ def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None, hel
 
     held_out: (x, y, mu, sigma) of held-out data, drawn apart; None: none.
     label: what (x, y) are called in the legend.
+    members: an ensemble's (mu_k, sigma_k) at x, each member's mean and band edges drawn
+      faintly behind the mixture's (mu, sigma); None: one model.
     Of more than MAX_DRAWN points, an evenly spaced subset in x is drawn (the legend says).
     """
     n = np.asarray(x).size
@@ -51,9 +53,17 @@ def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None, hel
         hx, hy = held_out[:2]
         ax.scatter(hx, hy, s=10, facecolors="none", edgecolors=COLORS["held"], linewidths=0.7,
                    alpha=0.7, label="held-out data", zorder=1)
+    which = "mixture" if members is not None else "fit"
+    for k, (mk, sk) in enumerate(members or ()):
+        mk, sk = (np.asarray(a, np.float64)[order] for a in (mk, sk))
+        ax.plot(x, mk, color=COLORS["fit"], linewidth=0.8, alpha=0.35, zorder=2,
+                label=f"members' $\\mu_k$, $\\mu_k \\pm 2\\sigma_k$ ({len(members)})"
+                if k == 0 else None)
+        for edge in (mk - 2 * sk, mk + 2 * sk):
+            ax.plot(x, edge, color=COLORS["fit"], linewidth=0.5, alpha=0.2, zorder=2)
     ax.fill_between(x, mu - 2 * sigma, mu + 2 * sigma, color=COLORS["band"], alpha=0.5,
-                    linewidth=0, label=r"fit $\mu \pm 2\sigma$", zorder=2)
-    ax.plot(x, mu, color=COLORS["fit"], linewidth=2.5, label=r"fit $\mu$", zorder=3)
+                    linewidth=0, label=rf"{which} $\mu \pm 2\sigma$", zorder=2)
+    ax.plot(x, mu, color=COLORS["fit"], linewidth=2.5, label=rf"{which} $\mu$", zorder=3)
     if true_mean is not None:
         tm = np.asarray(true_mean, dtype=np.float64)[order]
         ax.plot(x, tm, "--", color=COLORS["true"], linewidth=1.5, label="true mean", zorder=4)

@@ -220,23 +220,58 @@ CONSTANT_SIGMA = "constant_sigma"
 MAX_WEIGHTS_BYTES = 16 << 30
 
 
-def read_model(path: str, label: str = "--weights") -> tuple[dict[str, np.ndarray], int, int, str]:
-    """An interchange file of any width, depth and dtype: (state dict in module order,
-    width, depth, dtype), its architecture read from its shapes and checked whole; any
-    defect is a UsageError naming the file and the first tensor that does not fit."""
+def stack(states: list[dict]) -> dict[str, np.ndarray]:
+    """An ensemble's interchange state: each tensor of the members' state dicts stacked on a
+    leading member axis (as torch.func.stack_module_state gives them), in module order."""
+    return {n: np.stack([st[n] for st in states]) for n in states[0]}
+
+
+def unstack(state: dict) -> list[dict[str, np.ndarray]]:
+    """The members' state dicts of a stacked state (the inverse of `stack`)."""
+    k = next(iter(state.values())).shape[0]
+    return [{n: np.ascontiguousarray(a[i]) for n, a in state.items()} for i in range(k)]
+
+
+def check_stacked(state: dict, members: int, width: int, depth: int, dtype: str,
+                  label: str = "weights") -> None:
+    """Raise UsageError naming the first tensor of a stacked state that has no leading
+    member axis of `members`, or whose member slices do not fit (`check`)."""
+    for name in names(depth):
+        a = state.get(name)
+        if a is not None and (a.ndim == 0 or a.shape[0] != members):
+            raise UsageError(f"{label}: tensor '{name}' has shape {tuple(a.shape)}, expected "
+                             f"a leading member axis of {members}")
+    check({n: a[0] if a.ndim else a for n, a in state.items()}, width, depth, dtype, label)
+    for name in names(depth):
+        if not np.isfinite(state[name]).all():
+            raise UsageError(f"{label}: tensor '{name}' holds non-finite values")
+
+
+def read_model(path: str, label: str = "--weights"
+               ) -> tuple[dict[str, np.ndarray], int, int, str, int | None]:
+    """An interchange file of any width, depth and dtype, of one model or of an ensemble:
+    (state dict in module order, width, depth, dtype, members), members None for one model
+    and K for an ensemble's stacked file (a leading member axis of K on every tensor). The
+    architecture is read from the shapes and checked whole; any defect is a UsageError
+    naming the file and the first tensor that does not fit."""
     state = read(path, label=label, max_bytes=MAX_WEIGHTS_BYTES)
     where = f"{label} {path}"
     first = state.get("layers.0.weight")
     if first is None:
         raise UsageError(f"{where}: missing tensor 'layers.0.weight'")
-    if np.ndim(first) != 2 or first.shape[0] < 1:
+    members = int(first.shape[0]) if first.ndim == 3 else None
+    single = first[0] if members else first
+    if single.ndim != 2 or single.shape[0] < 1 or (members is not None and members < 1):
         raise UsageError(f"{where}: tensor 'layers.0.weight' has shape {tuple(first.shape)}, "
-                         "expected (width, 1)")
+                         "expected (width, 1), or (members, width, 1) for an ensemble")
     dtype = str(first.dtype)
     if dtype not in ("float32", "float64"):
         raise UsageError(f"{where}: tensor 'layers.0.weight' is {dtype}, expected float32 or "
                          "float64")
-    width = int(first.shape[0])
+    width = int(single.shape[0])
     depth = sum(1 for n in state if n.startswith("layers.") and n.endswith(".weight"))
-    check(state, width, depth, dtype, label=where)
-    return {n: state[n] for n in names(depth)}, width, depth, dtype
+    if members is None:
+        check(state, width, depth, dtype, label=where)
+    else:
+        check_stacked(state, members, width, depth, dtype, label=where)
+    return {n: state[n] for n in names(depth)}, width, depth, dtype, members

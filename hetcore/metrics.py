@@ -117,6 +117,15 @@ def calibration_metrics(y, mu, sigma) -> dict:
     }
 
 
+def mixture(mu, var) -> tuple[np.ndarray, np.ndarray]:
+    """The Gaussian of an ensemble's K members' Gaussians, moment matched (Lakshminarayanan
+    et al., 2017): mu = mean_k mu_k, var = mean_k var_k + mean_k (mu_k - mu)^2, in float64.
+    mu, var: (K, N)."""
+    mu, var = (np.asarray(a, np.float64) for a in (mu, var))
+    mean = mu.mean(axis=0)
+    return mean, var.mean(axis=0) + ((mu - mean) ** 2).mean(axis=0)
+
+
 def final_metrics(y: np.ndarray, mu: np.ndarray, var: np.ndarray, loss: float | None,
                   true_sigma: np.ndarray | None = None,
                   true_mean: np.ndarray | None = None) -> dict:

@@ -177,3 +177,36 @@ def test_batched_predictions_equal_one_pass(framework, small_state, monkeypatch)
     tol = criteria.SINGLE_STEP["float32"].tol
     np.testing.assert_allclose(bmu, mu[:, 0], rtol=tol, atol=tol)
     np.testing.assert_allclose(bvar, var[:, 0], rtol=tol, atol=tol)
+
+
+def test_an_ensembles_stacked_file_is_evaluated_as_its_mixture(run_dir, tmp_path, capsys):
+    """A stacked file (a leading member axis, as torch.func.stack_module_state gives it):
+    the mixture's metrics, and each member's own, equal to evaluating the member alone."""
+    other = tmp_path / "other"
+    assert train.main(BASE[:3] + ["6"] + BASE[4:] + ["--out", str(other)]) == 0
+    members = [interchange.read(str(d / "weights.safetensors")) for d in (run_dir, other)]
+    stacked = tmp_path / "ensemble.safetensors"
+    interchange.write(str(stacked), interchange.stack(members))
+    common = ["--preset", "none", "--seed", "5", "--device", "cpu"]
+    out = tmp_path / "ev"
+    assert evaluate.main(["--weights", str(stacked), *common, "--out", str(out)]) == 0
+    ev = json.loads((out / "metrics.json").read_text())
+    assert ev["architecture"]["members"] == 2 and len(ev["members"]) == 2
+    singles = []
+    for k, d in enumerate((run_dir, other)):
+        one = tmp_path / f"one{k}"
+        assert evaluate.main(["--weights", str(d / "weights.safetensors"), *common,
+                              "--out", str(one)]) == 0
+        assert ev["members"][k] == json.loads((one / "metrics.json").read_text())["metrics"]
+        singles.append(outputs.read_predictions(str(one / "predictions.csv")))
+    mu = np.mean([p["mu"] for p in singles], axis=0)
+    var = (np.mean([p["sigma"] ** 2 for p in singles], axis=0)
+           + np.mean([(p["mu"] - mu) ** 2 for p in singles], axis=0))
+    mixed = outputs.read_predictions(str(out / "predictions.csv"))
+    np.testing.assert_allclose(mixed["mu"], mu, rtol=1e-15)
+    np.testing.assert_allclose(mixed["sigma"], np.sqrt(var), rtol=1e-12)
+
+    bad = dict(interchange.stack(members), **{"var_head.bias": members[0]["var_head.bias"]})
+    path = tmp_path / "bad.safetensors"
+    interchange.write(str(path), bad)
+    _refused(["--weights", str(path)], capsys, tmp_path / "out-bad", "var_head.bias")

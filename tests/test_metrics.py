@@ -166,3 +166,11 @@ def test_metric_checks_fail_when_a_metric_moves_beyond_its_reach():
                                     "float32", "a test")
     bad = [c.quantity for c in checks if not c.ok]
     assert bad == ["crps (held-out data)"]
+
+
+def test_mixture_moments():
+    mu = np.array([[0.0, 1.0], [2.0, 1.0]])
+    var = np.array([[1.0, 4.0], [3.0, 4.0]])
+    m, v = metrics.mixture(mu, var)
+    np.testing.assert_array_equal(m, [1.0, 1.0])
+    np.testing.assert_array_equal(v, [2.0 + 1.0, 4.0])  # mean variance + spread of means
