@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
             var = np.full_like(var, np.asarray(constant, np.float64) ** 2)
     else:  # an ensemble: each member's Gaussians, then their mixture
         each = [predict(backend, w, x, args.device) for w in interchange.unstack(weights)]
+        constant = meta.get(interchange.CONSTANT_SIGMA)
+        if isinstance(constant, list) and len(constant) == members:  # an MSE ensemble's
+            each = [(m, np.full_like(v, np.float64(c) ** 2)) for (m, v), c in zip(each, constant)]
         mu, var = metrics.mixture([m for m, _ in each], [v for _, v in each])
     predict_s = time.perf_counter() - t0
     name = os.path.basename(args.weights)

@@ -74,6 +74,9 @@ SETTINGS_OPTIONS: dict[str, dict] = {
                    "schedule ends at"),
     "batch_size": dict(type=int, metavar="B", shown="every point", help="points per batch "
                        "(one update each; the last batch of an epoch shorter)"),
+    "ensemble": dict(type=int, metavar="K", help="train K members together in one program "
+                     "(member k: initial weights from seed + k, shuffle seed S + k); the "
+                     "run's predictions are their Gaussian mixture"),
     "shuffle_seed": dict(type=int, metavar="S", help="epoch e visits the points in the order "
                          "np.random.default_rng([S, e]).permutation(N)"),
 }

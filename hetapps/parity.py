@@ -101,6 +101,10 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
     if args.grid_points < 2:
         raise UsageError(f"--grid-points: must be at least 2, got {args.grid_points}")
     base = options.settings(args, framework="both", dtype=dtypes[0])
+    if base.ensemble > 1:
+        raise UsageError("--ensemble: the parity command checks one model; an ensemble's "
+                         "members are each a single run (train.py --framework both compares "
+                         "two ensembles)")
     modules = modules or {n: registry.backend(n) for n in BACKENDS}
     for m in modules.values():
         m.resolve_device(base.device)  # unavailable device: usage error, before any work

@@ -88,11 +88,15 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
     os.makedirs(stage_dir, exist_ok=True)
     epochs = len(result.loss_history)
     title = f"{result.framework} on {result.device}, {epochs} epochs ({result.dtype})"
+    if result.members is not None:
+        title = f"{title}, ensemble of {len(result.members.loss)}"
     held = None
     if held_out is not None:
         p = result.held_out
         held = (*held_out, p.mu, p.var, p.loss)
-    evaluated = write_fit_files(stage_dir, title, dataset, x, y, result.mu, result.var, held)
+    ens = result.members  # an ensemble's members (driver.RunResult), else None
+    evaluated = write_fit_files(stage_dir, title, dataset, x, y, result.mu, result.var, held,
+                                None if ens is None else list(zip(ens.mu, ens.var)))
     metrics = {
         "config": config,
         "framework": result.framework,
@@ -106,6 +110,17 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
         metrics["test"] = evaluated["test"]
         metrics["held_out"] = held_out_block(held_out[0], held_out[1], held_out[2],
                                              result.held_out_curve)
+    if ens is not None:
+        metrics["members"] = []
+        for k, final in enumerate(evaluated["members"]):
+            member = {"loss_history": [float(v) for v in result.member_losses[:, k]],
+                      "final": {"loss": float(ens.loss[k]), **final}}
+            if held is not None:
+                hm = result.held_out_members
+                member["test"] = final_metrics(held_out[2], hm.mu[k], hm.var[k],
+                                               float(hm.loss[k]), held_out[0].true_sigma(),
+                                               held_out[0].true_mean())
+            metrics["members"].append(member)
     metrics |= {
         "timing": {
             "compile_s": result.compile_s,
@@ -126,7 +141,9 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
     interchange.write(os.path.join(stage_dir, "initial_weights.safetensors"),
                       result.initial_weights, meta)
     if config.get("loss") == "mse":  # the variance head was never trained (driver.train)
-        meta[interchange.CONSTANT_SIGMA] = float(result.sigma[0])
+        meta[interchange.CONSTANT_SIGMA] = (
+            float(result.sigma[0]) if ens is None
+            else [float(np.sqrt(np.float64(v[0]))) for v in ens.var])  # each member's
     interchange.write(os.path.join(stage_dir, "weights.safetensors"), result.weights, meta)
     figures.save(figures.loss_figure(result.loss_history, f"loss: {title}",
                                      result.held_out_curve if held is not None else None),

@@ -63,6 +63,10 @@ class Chunk:
     batch: the batch of epoch `failed` that failed (0 in a full-batch run).
     held_out_loss: the training loss function of the weights at the chunk's end on the
       held-out data, when the engine has them (else None).
+    member: the ensemble's member that failed first at `failed` (0 for one model).
+
+    An ensemble's engine (settings.ensemble = K > 1) reports `losses` as (count, K), each
+    member's, and `held_out_loss` as the members' mean.
     """
 
     losses: np.ndarray
@@ -70,6 +74,7 @@ class Chunk:
     update_failed: bool = False
     batch: int = 0
     held_out_loss: float | None = None
+    member: int = 0
 
     @classmethod
     def from_losses(cls, start: int, losses: np.ndarray) -> "Chunk":
@@ -83,15 +88,16 @@ class Prediction:
     """A model's predictive Gaussians on some data: mean, variance, and the training loss
     function's value there."""
 
-    mu: np.ndarray  # (N,)
-    var: np.ndarray  # (N,)
-    loss: float
+    mu: np.ndarray  # (N,); an ensemble's members: (K, N)
+    var: np.ndarray  # (N,); (K, N)
+    loss: float  # an ensemble's members: (K,)
 
 
 @dataclass(frozen=True)
 class Final:
     """The trained model: its weights (state dict) and its predictions and loss on the
-    training data (and on the held-out data, when the engine has them)."""
+    training data (and on the held-out data, when the engine has them). An ensemble's:
+    stacked weights (a leading member axis), mu and var (K, N), loss (K,), each member's."""
 
     weights: StateDict
     mu: np.ndarray  # (N,)
@@ -105,7 +111,8 @@ class Engine(Protocol):
     """One training run on one device, n epochs at a time.
 
     Attributes:
-      loop: the training loop it runs (a name of hetcore.settings.LOOPS).
+      loop: the training loop it runs (a name of hetcore.settings.LOOPS; an ensemble's:
+        "scan" in JAX, "func" in torch, torch.func).
       device: the device it runs on, described (Backend.describe).
       compile_s: seconds spent compiling or warming up before the first epoch.
       in_flight: how many launched chunks the driver may hold unread; 2 lets the host read
@@ -124,8 +131,8 @@ class Engine(Protocol):
     def launch(self, start: int, count: int, orders: np.ndarray | None = None) -> Any:
         """Run (or queue) epochs start .. start + count - 1; returns a handle for `read`.
         orders: (count, N) the order each epoch visits the points in (a mini-batch run;
-        hetcore.schedule.epoch_orders), None for full batches. Updates after a failed one
-        change nothing."""
+        hetcore.schedule.epoch_orders; an ensemble's: (count, K, N), each member's), None
+        for full batches. Updates after a failed one change nothing."""
 
     def read(self, handle: Any) -> Chunk:
         """The chunk's losses and first failure (waits for the chunk if need be)."""
@@ -184,10 +191,11 @@ class Backend(Protocol):
                optimizer: dict[str, np.ndarray] | None = None,
                options: EngineOptions = EngineOptions(),
                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> Engine:
-        """An engine for `settings` (dtype, device, loop, lr, loss, chunk length) on x, y
-        (N, 1) from `weights`, and from `optimizer` (a checkpoint's optimiser state) when
-        resuming; `held_out`: (x, y) (M, 1) data to evaluate on after every chunk and at
-        the end. Compiles or warms up before it returns."""
+        """An engine for `settings` (dtype, device, loop, lr, loss, chunk length, ensemble)
+        on x, y (N, 1) from `weights` (an ensemble's: stacked), and from `optimizer` (a
+        checkpoint's optimiser state) when resuming; `held_out`: (x, y) (M, 1) data to
+        evaluate on after every chunk and at the end. Compiles or warms up before it
+        returns."""
 
 
 @runtime_checkable

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetcore import checkpoint, interchange
+from hetcore import checkpoint, interchange, metrics
 from hetcore.backend import Backend, EngineOptions, Prediction
 from hetcore.errors import TrainingDiverged, UsageError
-from hetcore.schedule import chunk_length, epoch_orders, spans
+from hetcore.schedule import chunk_length, epoch_orders, member_orders, spans
 from hetcore.settings import Settings
 
 
@@ -44,6 +44,13 @@ class RunResult:
     # loss function there at each chunk's end, (2, k): the epochs done, then the losses.
     held_out: Prediction | None = None
     held_out_curve: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
+    # An ensemble's (settings.ensemble = K > 1): loss_history, final_loss and the weights
+    # above are the members' mean loss per epoch, mean final loss and stacked weights; mu
+    # and var are the members' Gaussian mixture (hetcore.metrics.mixture), held_out too.
+    # Each member's own: losses (epochs, K); predictions (K, N) and final losses (K,).
+    member_losses: np.ndarray | None = None
+    members: Prediction | None = None
+    held_out_members: Prediction | None = None
 
     @property
     def sigma(self) -> np.ndarray:
@@ -76,10 +83,17 @@ def initial_weights(settings: Settings, backend: Backend) -> tuple[dict, str]:
     lecture's own draw, or `backend`'s initialiser at the settings' seed."""
     if settings.init_from is not None:
         w = interchange.read_weights(settings.init_from, settings.width, settings.depth,
-                                     settings.dtype)
+                                     settings.dtype, settings.ensemble)
         return w, os.path.abspath(settings.init_from)
     if settings.lecture_weights:
         return interchange.cast(interchange.lecture_weights(), settings.dtype), "lecture"
+    k = settings.ensemble
+    if k > 1:
+        w = interchange.stack([backend.init_weights(settings.width, settings.depth,
+                                                    settings.dtype, settings.init_seed + i)
+                               for i in range(k)])
+        return w, (f"{backend.NAME} init(seed={settings.init_seed}..."
+                   f"{settings.init_seed + k - 1})")
     w = backend.init_weights(settings.width, settings.depth, settings.dtype, settings.init_seed)
     return w, f"{backend.NAME} init(seed={settings.init_seed})"
 
@@ -116,7 +130,8 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     """
     settings.check_run(len(x))
     digest = checkpoint.data_digest(x, y)
-    history = np.full(settings.epochs, np.nan)
+    k = settings.ensemble
+    history = np.full((settings.epochs,) if k == 1 else (settings.epochs, k), np.nan)
     first = 0
     if resume is not None:
         if resume.data_digest != digest:
@@ -151,7 +166,7 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
         if chunk.failed is not None:
             failed = chunk
         elif bar is not None:
-            bar(span.start + span.count, float(chunk.losses[-1]))
+            bar(span.start + span.count, float(np.mean(chunk.losses[-1])))
 
     t0 = time.perf_counter()
     try:
@@ -159,8 +174,11 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
         for span in spans(first, settings.epochs, length, settings.checkpoint_every):
             # A mini-batch chunk's epoch orders are drawn here, once, while the device may
             # still run the chunk before it.
-            orders = (epoch_orders(settings.shuffle_seed, span.start, span.count, len(x))
-                      if shuffled else None)
+            orders = None
+            if shuffled:
+                orders = (epoch_orders(settings.shuffle_seed, span.start, span.count, len(x))
+                          if k == 1 else member_orders(settings.shuffle_seed, k, span.start,
+                                                       span.count, len(x)))
             pending.append((span, engine.launch(span.start, span.count, orders)))
             if span.checkpoint and checkpoint_path is not None:
                 while pending and failed is None:
@@ -186,10 +204,15 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
             bar.close()
     train_s = time.perf_counter() - t0
     if failed is not None:
-        raise TrainingDiverged(backend.NAME, failed.failed, float(history[failed.failed]),
+        raise TrainingDiverged(backend.NAME, failed.failed,
+                               float(np.ravel(history[failed.failed])[failed.member]),
                                weights=failed.update_failed, batch=failed.batch,
-                               batches=settings.batches(len(x)))
+                               batches=settings.batches(len(x)),
+                               member=failed.member if k > 1 else None)
     final = engine.finish()
+    if k > 1:
+        return _ensemble_result(backend, engine, settings, x, y, initial_weights, history,
+                                final, train_s, curve)
     var, held = final.var, final.held_out
     if settings.loss == "mse":  # the variance head was never trained: sigma is the
         # training residuals' root mean square, the same at every x
@@ -206,6 +229,37 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
         compile_s=engine.compile_s, train_s=train_s, versions=backend.versions(),
         loop=engine.loop, held_out=held, held_out_curve=_curve(curve),
     )
+
+
+def _mse_var(settings: Settings, y: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """An MSE run's variance at every point: the training residuals' mean square (per
+    member: mu (K, N) gives (K,))."""
+    resid = y[:, 0].astype(np.float64) - np.asarray(mu, np.float64)
+    return np.mean(resid ** 2, axis=-1)
+
+
+def _ensemble_result(backend, engine, settings, x, y, initial_weights, history, final,
+                     train_s, curve) -> RunResult:
+    """An ensemble's RunResult: the members' mixture, and each member's own (RunResult)."""
+    mu, var, held = final.mu, final.var, final.held_out
+    if settings.loss == "mse":  # each member's sigma: its own residuals' RMS, at every x
+        rms2 = _mse_var(settings, y, mu)[:, None]
+        var = np.broadcast_to(rms2, mu.shape).astype(settings.dtype)
+        if held is not None:
+            held = Prediction(held.mu, np.broadcast_to(rms2, held.mu.shape).astype(
+                settings.dtype), held.loss)
+    mix_mu, mix_var = metrics.mixture(mu, var)
+    held_mix = None
+    if held is not None:
+        held_mix = Prediction(*metrics.mixture(held.mu, held.var), float(np.mean(held.loss)))
+    return RunResult(
+        framework=backend.NAME, device=engine.device, dtype=settings.dtype,
+        loss_history=history.mean(axis=1), initial_weights=dict(initial_weights),
+        weights=final.weights, mu=mix_mu, var=mix_var,
+        final_loss=float(np.mean(final.loss)), compile_s=engine.compile_s, train_s=train_s,
+        versions=backend.versions(), loop=engine.loop, held_out=held_mix,
+        held_out_curve=_curve(curve), member_losses=history.astype(settings.dtype),
+        members=Prediction(mu, var, np.asarray(final.loss)), held_out_members=held)
 
 
 def _curve(points: list[tuple[int, float]]) -> np.ndarray:

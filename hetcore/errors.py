@@ -14,13 +14,15 @@ class TrainingDiverged(Exception):
     exit_code = 1
 
     def __init__(self, framework: str, epoch: int, loss: float, weights: bool = False,
-                 batch: int | None = None, batches: int = 1):
+                 batch: int | None = None, batches: int = 1, member: int | None = None):
         self.framework = framework
         self.epoch = epoch
         self.loss = loss
         self.batch = batch
         at = f"epoch {epoch}" if batch is None or batches == 1 else \
             f"epoch {epoch}, batch {batch} of {batches}"
+        if member is not None:
+            at = f"{at} of member {member}"
         what = (f"the update of {at} made the weights non-finite" if weights
                 else f"loss is {loss} at {at}")
         super().__init__(f"{framework}: training diverged: {what}; try a smaller --lr")

@@ -178,12 +178,17 @@ def read_metadata(path: str) -> dict:
     return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
 
 
-def read_weights(path: str, width: int, depth: int, dtype: str) -> dict[str, np.ndarray]:
-    """Read and check an interchange file against the requested architecture and dtype."""
+def read_weights(path: str, width: int, depth: int, dtype: str, members: int = 1
+                 ) -> dict[str, np.ndarray]:
+    """Read and check an interchange file against the requested architecture and dtype;
+    members > 1: an ensemble's stacked file, a leading member axis of `members`."""
     itemsize = np.dtype(dtype).itemsize
     expected = sum(int(np.prod(s)) for s in shapes(width, depth).values()) * itemsize
-    state = read(path, max_bytes=expected + HEADER_ALLOWANCE)
-    check(state, width, depth, dtype, label=f"--init-from {path}")
+    state = read(path, max_bytes=members * expected + HEADER_ALLOWANCE)
+    if members == 1:
+        check(state, width, depth, dtype, label=f"--init-from {path}")
+    else:
+        check_stacked(state, members, width, depth, dtype, label=f"--init-from {path}")
     return {n: state[n] for n in names(depth)}  # module order
 
 

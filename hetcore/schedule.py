@@ -87,6 +87,13 @@ def epoch_orders(shuffle_seed: int, start: int, count: int, n_points: int) -> np
                      for e in range(start, start + count)])
 
 
+def member_orders(shuffle_seed: int, members: int, start: int, count: int, n_points: int
+                  ) -> np.ndarray:
+    """(count, members, n_points) int32: member k's epoch orders (shuffle seed + k)."""
+    return np.stack([epoch_orders(shuffle_seed + k, start, count, n_points)
+                     for k in range(members)], axis=1)
+
+
 def batch_sizes(n_points: int, batch_size: int | None) -> list[int]:
     """The sizes of an epoch's consecutive batches; the last one shorter when batch_size
     does not divide n_points."""

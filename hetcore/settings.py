@@ -28,6 +28,7 @@ NO_REMAT = ("no-autograd",)
 # The lecture's run.
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")
 MAX_EPOCHS = 10**7  # a loss history of 80 MB; more is refused before any work
+MAX_ENSEMBLE = 4096  # members trained together; each is a whole model in memory
 
 # Recipes: named defaults for the training options (the fields of RECIPE_FIELDS); an option
 # given explicitly overrides the recipe's, and a recipe's default for an option that does
@@ -82,6 +83,10 @@ class Settings:
         run, one per batch): lr * t / warmup_steps while t < warmup_steps, then lr
         (constant) or lr_end + (lr - lr_end) * (1 + cos(pi * (t - W) / (T - W))) / 2
         (cosine), T the run's number of updates.
+      ensemble: K members trained together in one program; member k starts from the
+        initial weights drawn with seed init_seed + k (or the k-th of a stacked --init-from
+        file) and visits its batches with shuffle seed shuffle_seed + k. Its predictions
+        are the members' Gaussian mixture.
       batch_size, shuffle_seed: epoch e visits the points in the order
         np.random.default_rng([shuffle_seed, e]).permutation(N), in batches of batch_size
         (the last one shorter), one update each; batch_size >= N is the full batch, with
@@ -118,6 +123,7 @@ class Settings:
     lr_end: float | None = None
     batch_size: int | None = None
     shuffle_seed: int = 0
+    ensemble: int = 1
 
     def __post_init__(self):
         _check_choice("--recipe", self.recipe, tuple(RECIPES))
@@ -153,6 +159,7 @@ class Settings:
             and self.seed is None
             and self.width == LECTURE["width"]
             and self.depth == LECTURE["depth"]
+            and self.ensemble == 1
         )
 
     @property
@@ -257,12 +264,16 @@ def check_predict_memory(width: int, depth: int, dtype: str, n_points: int, capa
 
 
 def check_memory(settings: "Settings", n_points: int, capacity: int, device: str) -> None:
-    """Refuse, before any work, a run that cannot fit in `capacity` bytes of `device`."""
-    need = memory_estimate(settings.width, settings.depth, n_points, settings.dtype)
+    """Refuse, before any work, a run that cannot fit in `capacity` bytes of `device` (an
+    ensemble's members are each a whole run's memory)."""
+    need = settings.ensemble * memory_estimate(settings.width, settings.depth, n_points,
+                                               settings.dtype)
     if need > capacity:
+        members = f" x {settings.ensemble} members" if settings.ensemble > 1 else ""
         raise UsageError(
-            f"--width {settings.width} --depth {settings.depth} on {n_points} points: needs "
-            f"about {need / 2**30:.1f} GiB, more than the {capacity / 2**30:.1f} GiB of {device}"
+            f"--width {settings.width} --depth {settings.depth} on {n_points} points"
+            f"{members}: needs about {need / 2**30:.1f} GiB, more than the "
+            f"{capacity / 2**30:.1f} GiB of {device}"
         )
 
 
@@ -292,10 +303,22 @@ def validate(s: Settings) -> None:
     _check_int("--depth", s.depth, 1)
     _check_int("--chunk-epochs", s.chunk_epochs, 1)
     _check_int("--checkpoint-every", s.checkpoint_every, 0)
+    _check_int("--ensemble", s.ensemble, 1)
+    if s.ensemble > MAX_ENSEMBLE:
+        raise UsageError(f"--ensemble: at most {MAX_ENSEMBLE} members, got {s.ensemble}")
+    if s.ensemble > 1 and s.checkpoint_every:
+        raise UsageError("--ensemble: an ensemble's run is not checkpointed yet; drop "
+                         "--checkpoint-every")
+    if s.ensemble > 1 and s.loop not in ("auto", "scan"):
+        raise UsageError(f"--ensemble: members train in one vmapped program (jax scan, torch "
+                         f"torch.func); --loop {s.loop} trains one model")
+    if s.ensemble > 1 and s.remat:
+        raise UsageError("--ensemble: --remat is for one model's activations; drop it")
     if s.seed is not None:
         _check_int("--seed", s.seed, 0)
-        if s.seed >= 2**32:
-            raise UsageError(f"--seed: must be below 2**32, got {s.seed}")
+        if s.seed + s.ensemble - 1 >= 2**32:
+            raise UsageError(f"--seed: must be below 2**32 (less the ensemble's members), got "
+                             f"{s.seed}")
     if isinstance(s.lr, bool) or not isinstance(s.lr, (int, float)):
         raise UsageError(f"--lr: expected a number, got {s.lr!r}")
     if not math.isfinite(s.lr) or s.lr <= 0:
@@ -344,7 +367,8 @@ def _validate_training(s: Settings) -> None:
     if s.batch_size is not None:
         _check_int("--batch-size", s.batch_size, 1)
     _check_int("--shuffle-seed", s.shuffle_seed, 0)
-    if s.shuffle_seed >= 2**63:
-        raise UsageError(f"--shuffle-seed: must be below 2**63, got {s.shuffle_seed}")
+    if s.shuffle_seed + s.ensemble - 1 >= 2**63:
+        raise UsageError(f"--shuffle-seed: must be below 2**63 (less the ensemble's members), "
+                         f"got {s.shuffle_seed}")
     if s.full and s.loss == "mse":
         raise UsageError("--full: adds the NLL's constant; --loss mse has none")

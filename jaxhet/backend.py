@@ -81,5 +81,9 @@ def versions() -> dict:
 def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
            optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
            held_out: tuple[np.ndarray, np.ndarray] | None = None) -> JaxEngine:
-    """A compiled engine for the run (jaxhet.engine)."""
+    """A compiled engine for the run (jaxhet.engine; an ensemble's: jaxhet.ensemble)."""
+    if settings.ensemble > 1:
+        from jaxhet.ensemble import JaxEnsembleEngine
+
+        return JaxEnsembleEngine(settings, x, y, weights, optimizer, options, held_out)
     return JaxEngine(settings, x, y, weights, optimizer, options, held_out)

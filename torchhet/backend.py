@@ -80,5 +80,9 @@ def versions() -> dict:
 def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
            optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
            held_out: tuple[np.ndarray, np.ndarray] | None = None) -> TorchEngine:
-    """An engine for the run, warmed up (torchhet.engine)."""
+    """An engine for the run, warmed up (torchhet.engine; an ensemble's: torchhet.ensemble)."""
+    if settings.ensemble > 1:
+        from torchhet.ensemble import TorchEnsembleEngine
+
+        return TorchEnsembleEngine(settings, x, y, weights, optimizer, options, held_out)
     return TorchEngine(settings, x, y, weights, optimizer, options, held_out)

@@ -122,6 +122,32 @@ def manual_step(model, x, y, lr: float, full: bool, remat: bool = False, loss: s
     return value.detach()
 
 
+def refuse_unroll(options: EngineOptions) -> None:
+    """torch's loops have nothing to unroll (JAX's scan has): any other unroll is refused."""
+    if options.unroll != 1:
+        raise UsageError(f"unroll {options.unroll}: torch's loops do not unroll (jax scan "
+                         "does)")
+
+
+def over_batches(sizes: list[int], step: Callable, check: Callable | None = None):
+    """One epoch's batches of these sizes: step(start, size, b) makes batch b's update and
+    returns its loss (a tensor: one model's, or an ensemble's (K,)); check(b, loss), if
+    given, runs after each. Returns the point-weighted mean of the losses, summed as
+    jaxhet sums them: the whole batches, then the shorter last one."""
+    whole, start, total, last = sizes[0], 0, 0.0, None
+    for b, size in enumerate(sizes):
+        value = step(start, size, b)
+        if check is not None:
+            check(b, value)
+        if size == whole:
+            total = total + value
+        else:
+            last = value * size
+        start += size
+    total = total * whole
+    return (total if last is None else total + last) / start
+
+
 def _lecture_update(params: list, lr: float) -> None:
     """`p -= g * lr` for every parameter in two multi-tensor kernels, rounding as the
     lecture's loop does (the product rounded, then the difference)."""
@@ -306,9 +332,7 @@ class TorchEngine:
     def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
                  optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
-        if options.unroll != 1:
-            raise UsageError(f"unroll {options.unroll}: torch's loops do not unroll (jax scan "
-                             "does)")
+        refuse_unroll(options)
         dev = resolve_device(settings.device)
         n = x.shape[0]
         self.device, self._dev = describe(dev), dev
@@ -342,18 +366,9 @@ class TorchEngine:
         given, is called after every update (a replay's)."""
         idx = torch.from_numpy(np.asarray(order, np.int64)).to(self._dev)
         xe, ye = self.x.index_select(0, idx), self.y.index_select(0, idx)  # gathered once
-        whole, t, start, total, last = self.sizes[0], e * len(self.sizes), 0, 0.0, None
-        for b, size in enumerate(self.sizes):
-            value = self.runner.step(xe[start:start + size], ye[start:start + size], t + b)
-            if check is not None:
-                check(b, value)
-            if size == whole:
-                total = total + value
-            else:
-                last = value * size
-            start += size
-        total = total * whole  # as jaxhet sums them: the whole batches, then the last
-        return (total if last is None else total + last) / start
+        t = e * len(self.sizes)
+        return over_batches(self.sizes, lambda start, size, b: self.runner.step(
+            xe[start:start + size], ye[start:start + size], t + b), check)
 
     def _chunk(self, start: int, count: int, orders) -> None:
         if orders is None:

@@ -151,6 +151,9 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     """The benchmark or the sweep as `args` say; returns the exit status."""
     check_args(args)
     base = options.settings(args, framework="both")
+    if base.ensemble > 1:
+        raise UsageError("--ensemble: the benchmark times one model's loops; ensembles are "
+                         "not benchmarked yet")
     threads = pin_threads(args.threads)
     host_malloc = hostmem.keep_freed_memory()  # both frameworks alike, before either starts
     # JAX must not take most of a GPU's memory up front: torch shares the device.

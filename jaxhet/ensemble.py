@@ -1,0 +1,160 @@
+"""An ensemble's JAX engine: K members' epochs as one compiled program, `jax.vmap` over
+the members' stacked weights and optimiser states; mirrors torchhet/ensemble.py.
+
+Member k is the single run of jaxhet.engine from its own initial weights and batch orders:
+the vmapped function is that engine's own epoch (`jaxhet.engine.epoch`), each member
+carrying its own parameters, optimiser state and failure index, sharing the data, the
+compiled learning-rate schedule and the update count. A chunk of epochs is one `lax.scan`
+of the vmapped epoch, so the K members cost one dispatch and one host sync per chunk, as
+one model does, and XLA batches their products (K small products become batched ones).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetcore import interchange
+from hetcore.backend import Chunk, EngineOptions, Final, Prediction
+from hetcore.errors import UsageError
+from hetcore.schedule import chunk_length
+from hetcore.settings import Settings
+from jaxhet import optim
+from jaxhet.device import describe, resolve_device
+from jaxhet.engine import _predict, compile_once, epoch, epoch_config, signature
+from jaxhet.model import PRECISIONS
+from jaxhet.weights import put, to_state_dict
+
+
+def stack_trees(trees: list):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def member_tree(tree, k: int):
+    return jax.tree.map(lambda leaf: leaf[k], tree)
+
+
+def _members_chunk(graphdef, length: int, cfg, unroll: int, carry, x, y, h, orders, n_active,
+                   start):
+    """`length` epochs of every member from epoch `start` (those from `n_active` on
+    masked); orders: (length, K, N) each member's orders (None: full batch)."""
+
+    def members_epoch(carry, active, index, order):
+        one = lambda c, o: epoch(graphdef, cfg, c, x, y, h, active, index, o)  # noqa: E731
+        return jax.vmap(one, in_axes=(0, None if order is None else 0))(carry, order)
+
+    def body(carry, part):
+        i, order = part
+        return members_epoch(carry, i < n_active, start + i, order)
+
+    return jax.lax.scan(body, carry, (jnp.arange(length, dtype=jnp.int32), orders),
+                        unroll=unroll)
+
+
+def _members_predict(graphdef, loss: str, full: bool, params, x, y, beta):
+    return jax.vmap(lambda p: _predict(graphdef, loss, full, p, x, y, beta))(params)
+
+
+_chunk_jit = jax.jit(_members_chunk, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+_predict_jit = jax.jit(_members_predict, static_argnums=(0, 1, 2))
+
+
+class JaxEnsembleEngine:
+    """hetcore.backend.Engine for an ensemble (settings.ensemble = K > 1) in JAX."""
+
+    in_flight = 2
+
+    def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
+                 optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
+                 held_out: tuple[np.ndarray, np.ndarray] | None = None):
+        if optimizer is not None:
+            raise UsageError("--resume: an ensemble's run is not checkpointed yet")
+        self.loop = "scan"
+        k, dtype = settings.ensemble, settings.dtype
+        dev = resolve_device(settings.device)
+        self.device, self.members = describe(dev), k
+        t0 = time.perf_counter()
+        puts = [put(w, dtype, dev, PRECISIONS[options.matmul_precision], settings.width,
+                    settings.depth) for w in interchange.unstack(weights)]
+        self.graphdef = puts[0][0]
+        params = stack_trees([p for _, p in puts])
+        self.cfg = epoch_config(settings, x.shape[0])
+        self.h = jax.device_put({**optim.hyper(settings, dtype),
+                                 "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
+        opt_state = jax.vmap(optim.transform(self.cfg.opt, self.h).init)(params)
+        failed = jax.device_put(jnp.full((k,), -1, jnp.int32), dev)
+        self.carry = (params, opt_state, failed)
+        self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
+        self.length = chunk_length(settings.epochs, settings.chunk_epochs,
+                                   settings.checkpoint_every)
+        self.batched = self.cfg.batches > 1
+        unroll = max(1, min(options.unroll, self.length))
+        sig = signature((self.carry, self.x, self.y, self.h))
+        example = (np.zeros((self.length, k, x.shape[0]), np.int32) if self.batched else None)
+        self.chunk = compile_once(_chunk_jit, ("members", self.graphdef, self.length, self.cfg,
+                                               unroll, sig, dev),
+                                  self.graphdef, self.length, self.cfg, unroll, self.carry,
+                                  self.x, self.y, self.h, example, np.int32(self.length),
+                                  np.int32(0))
+        self.programs = {}
+        for name, (px, py) in {"train": (self.x, self.y), **(
+                {} if held_out is None else {"held": tuple(jax.device_put(a, dev)
+                                                           for a in held_out)})}.items():
+            key = ("members-predict", self.graphdef, self.cfg.loss, self.cfg.full,
+                   signature((params, px, py, self.h)), dev)
+            self.programs[name] = (px, py, compile_once(
+                _predict_jit, key, self.graphdef, self.cfg.loss, self.cfg.full, params, px, py,
+                self.h["beta"]))
+        self.compile_s = time.perf_counter() - t0
+
+    def _predict(self, name: str, params):
+        px, py, program = self.programs[name]
+        return program(params, px, py, self.h["beta"])
+
+    def launch(self, start: int, count: int, orders=None):
+        if self.batched:  # the masked tail's epochs take the chunk's last orders again
+            orders = np.concatenate([orders, np.repeat(orders[-1:], self.length - count, 0)])
+        self.carry, (losses, failed) = self.chunk(self.carry, self.x, self.y, self.h, orders,
+                                                  np.int32(count), np.int32(start))
+        held = (None if "held" not in self.programs
+                else jnp.mean(self._predict("held", self.carry[0])[2]))
+        return start, count, losses, failed, held
+
+    def read(self, handle) -> Chunk:
+        """Each member's failure index names its first refused update; the chunk reports
+        the earliest of them, and its member."""
+        start, count, losses, failed, held = handle
+        losses = np.asarray(losses)[:count]  # (count, K)
+        t = np.asarray(failed)[count - 1]  # (K,)
+        chunk = Chunk(losses, held_out_loss=None if held is None else float(held))
+        if (t < 0).all():
+            return chunk
+        member = int(np.argmin(np.where(t < 0, np.iinfo(np.int32).max, t)))
+        e, batch = divmod(int(t[member]), self.cfg.batches)
+        return Chunk(losses, e, bool(np.isfinite(losses[e - start, member])), batch,
+                     chunk.held_out_loss, member)
+
+    def state(self):
+        params, opt_state, _ = self.carry
+        weights = interchange.stack([to_state_dict(member_tree(params, i))
+                                     for i in range(self.members)])
+        return weights, {str(i): np.asarray(a)
+                         for i, a in enumerate(jax.tree.leaves(opt_state))}
+
+    def wait(self) -> None:
+        jax.block_until_ready(self.carry)
+
+    def finish(self) -> Final:
+        params = self.carry[0]
+        mu, var, loss = self._predict("train", params)
+        held = None
+        if "held" in self.programs:
+            hm, hv, hl = self._predict("held", params)
+            held = Prediction(np.asarray(hm)[..., 0], np.asarray(hv)[..., 0], np.asarray(hl))
+        weights = interchange.stack([to_state_dict(member_tree(params, i))
+                                     for i in range(self.members)])
+        return Final(weights, np.asarray(mu)[..., 0], np.asarray(var)[..., 0],
+                     np.asarray(loss), held)

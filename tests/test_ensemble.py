@@ -1,0 +1,113 @@
+"""--ensemble K: member k is the single run from its own initial weights and shuffle seed
+(float64 within 1e-10, in each framework); the train command's ensemble outputs; refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hetapps import evaluate, registry, train
+from hetcore import data, driver, interchange, metrics, outputs
+from hetcore.settings import Settings
+
+RECIPES = {"sgd": {}, "adam-batches": dict(optimizer="adam", lr=3e-3, batch_size=24),
+           "mse-adamw-cosine": dict(loss="mse", optimizer="adamw", lr=3e-3, schedule="cosine",
+                                    warmup_steps=5)}
+TARGET = 1e-10  # float64: member k against its single run
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_member_k_is_its_single_run(framework, recipe):
+    backend = registry.backend(framework)
+    s = Settings(framework=framework, preset="none", seed=3, width=16, depth=2, n_points=64,
+                 epochs=40, chunk_epochs=15, dtype="float64", device="cpu", ensemble=3,
+                 shuffle_seed=5, **RECIPES[recipe])
+    ds = data.for_settings(s)
+    x, y = ds.columns(s.dtype)
+    hx, hy = data.held_out(s, ds).columns(s.dtype)
+    w, source = driver.initial_weights(s, backend)
+    assert source == f"{framework} init(seed=3...5)"
+    r = driver.train(backend, s, x, y, w, held_out=(hx, hy))
+    members = interchange.unstack(r.weights)
+    for k, wk in enumerate(interchange.unstack(w)):
+        np.testing.assert_array_equal(wk["layers.0.weight"], backend.init_weights(
+            16, 2, "float64", 3 + k)["layers.0.weight"])  # member k's own initial draw
+        single = driver.train(backend, s.replace(ensemble=1, shuffle_seed=5 + k), x, y, wk,
+                              held_out=(hx, hy))
+        np.testing.assert_allclose(r.member_losses[:, k], single.loss_history, rtol=0,
+                                   atol=TARGET)
+        for n in single.weights:
+            np.testing.assert_allclose(members[k][n], single.weights[n], rtol=0, atol=TARGET)
+        np.testing.assert_allclose(r.members.mu[k], single.mu, rtol=0, atol=TARGET)
+        np.testing.assert_allclose(r.members.var[k], single.var, rtol=0, atol=TARGET)
+        np.testing.assert_allclose(r.held_out_members.mu[k], single.held_out.mu, rtol=0,
+                                   atol=TARGET)
+    mu, var = metrics.mixture(r.members.mu, r.members.var)
+    np.testing.assert_array_equal(r.mu, mu)
+    np.testing.assert_array_equal(r.var, var)
+    np.testing.assert_array_equal(r.loss_history, r.member_losses.mean(axis=1))
+
+
+def test_the_train_command_writes_an_ensemble(tmp_path):
+    out = tmp_path / "ens"
+    argv = ["--preset", "none", "--seed", "2", "--width", "16", "--epochs", "60",
+            "--ensemble", "3", "--device", "cpu", "--no-progress"]
+    assert train.main(argv + ["--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["ensemble"] == 3 and len(m["members"]) == 3
+    for member in m["members"]:
+        assert len(member["loss_history"]) == 60
+        assert set(member["final"]) == set(m["final"]) and set(member["test"]) == set(m["test"])
+    np.testing.assert_allclose(m["loss_history"],
+                               np.mean([k["loss_history"] for k in m["members"]], axis=0))
+    w = interchange.read(str(out / "weights.safetensors"))
+    assert w["layers.0.weight"].shape == (3, 16, 1)
+    _, width, depth, _, members = interchange.read_model(str(out / "weights.safetensors"))
+    assert (width, depth, members) == (16, 2, 3)
+    # the run's mixture, evaluated again from its stacked file, in the same framework
+    ev = tmp_path / "ev"
+    assert evaluate.main(["--weights", str(out / "weights.safetensors"), "--preset", "none",
+                          "--seed", "2", "--device", "cpu", "--out", str(ev)]) == 0
+    a = outputs.read_predictions(str(out / "predictions.csv"))
+    b = outputs.read_predictions(str(ev / "predictions.csv"))
+    for k in ("mu", "sigma"):  # vmapped members against one member at a time: float32
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # the stacked initial weights start the same ensemble again
+    again = tmp_path / "again"
+    assert train.main(argv + ["--init-from", str(out / "initial_weights.safetensors"),
+                              "--out", str(again)]) == 0
+    assert json.loads((again / "metrics.json").read_text())["loss_history"] == m["loss_history"]
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_a_diverging_member_is_named(framework, tmp_path, capsys):
+    argv = ["--framework", framework, "--preset", "none", "--width", "8", "--epochs", "30",
+            "--lr", "1e6", "--ensemble", "2", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "x")]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "member" in err and "epoch" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_ensemble_refusals(tmp_path, capsys):
+    base = ["--preset", "none", "--width", "4", "--epochs", "3", "--n-points", "10",
+            "--device", "cpu", "--no-progress"]
+    cases = [(["--ensemble", "0"], "--ensemble"), (["--ensemble", "-2"], "--ensemble"),
+             (["--ensemble", "5000"], "at most"),
+             (["--ensemble", "2", "--checkpoint-every", "1"], "--checkpoint-every"),
+             (["--ensemble", "2", "--loop", "step"], "--loop step"),
+             (["--ensemble", "4000", "--width", "4096", "--n-points", "100000"], "members"),
+             (["--ensemble", "2", "--seed", str(2**32 - 1)], "--seed")]
+    for extra, needle in cases:
+        out = tmp_path / "o"
+        assert train.main(base + extra + ["--out", str(out)]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, (extra, err)
+        assert not out.exists()
+    single = tmp_path / "one.safetensors"
+    interchange.write(str(single), registry.backend("jax").init_weights(4, 2, "float32", 0))
+    assert train.main(base + ["--ensemble", "2", "--init-from", str(single),
+                              "--out", str(tmp_path / "o")]) == 2
+    assert "leading member axis of 2" in capsys.readouterr().err
