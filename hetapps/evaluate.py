@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     outputs.check_out(out, args.overwrite)
     weights, width, depth, dtype, members = interchange.read_model(args.weights)
     meta = interchange.read_metadata(args.weights)
+    constant = interchange.constant_sigma(meta, members, f"--weights {args.weights}")
     host_malloc = hostmem.keep_freed_memory()  # before a framework allocates anything
     backend = registry.backend(args.framework)
     device = backend.resolve_device(args.device)
@@ -121,14 +122,12 @@ def run(args: argparse.Namespace) -> int:
     each = None
     if members is None:
         mu, var = predict(backend, weights, x, args.device)
-        constant = meta.get(interchange.CONSTANT_SIGMA)
         if constant is not None:  # an MSE run's weights: the sigma it reported, at every x
-            var = np.full_like(var, np.asarray(constant, np.float64) ** 2)
+            var = np.full_like(var, constant[0] ** 2)
     else:  # an ensemble: each member's Gaussians, then their mixture
         each = [predict(backend, w, x, args.device) for w in interchange.unstack(weights)]
-        constant = meta.get(interchange.CONSTANT_SIGMA)
-        if isinstance(constant, list) and len(constant) == members:  # an MSE ensemble's
-            each = [(m, np.full_like(v, np.float64(c) ** 2)) for (m, v), c in zip(each, constant)]
+        if constant is not None:  # an MSE ensemble's: each member's sigma
+            each = [(m, np.full_like(v, c ** 2)) for (m, v), c in zip(each, constant)]
         mu, var = metrics.mixture([m for m, _ in each], [v for _, v in each])
     predict_s = time.perf_counter() - t0
     name = os.path.basename(args.weights)

@@ -82,7 +82,7 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
     """Read and check a checkpoint; any defect is a UsageError naming the file."""
     tensors = interchange.read(path, label=label)
     try:
-        meta = interchange.read_metadata(path)
+        meta = interchange.read_metadata(path, label)
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
         settings = dict(meta["settings"])

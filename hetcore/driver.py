@@ -142,7 +142,9 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     held_digest = "" if held_out is None else checkpoint.data_digest(*held_out)
     curve: list[tuple[int, float]] = []  # (epochs done, held-out loss) at each chunk's end
     if resume is not None:
-        if resume.held_out_digest != held_digest:
+        # A checkpoint written before runs tracked held-out data has no digest: the run
+        # goes on, its held-out curve starting at the resumed epoch.
+        if resume.held_out_digest not in ("", held_digest):
             raise UsageError(f"--resume {os.path.dirname(resume.path) or resume.path}: the "
                              "held-out data differ from those the run started with")
         curve = [(int(e), float(v)) for e, v in resume.held_out_curve.T]

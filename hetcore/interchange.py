@@ -169,13 +169,39 @@ def _refuse_foreign_dtypes(path: str, header_len: int, label: str) -> None:
                              "or float64")
 
 
-def read_metadata(path: str) -> dict:
-    """The metadata `write` stored (an empty dict if none)."""
+def read_metadata(path: str, label: str = "--weights") -> dict:
+    """The metadata `write` stored (an empty dict if none); metadata that is not a JSON
+    object is a UsageError naming the file."""
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata() or {}
-    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+    if METADATA_KEY not in meta:
+        return {}
+    try:
+        value = json.loads(meta[METADATA_KEY])
+    except ValueError as e:
+        raise UsageError(f"{label} {path}: metadata '{METADATA_KEY}' is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{label} {path}: metadata '{METADATA_KEY}' is not a JSON object")
+    return value
+
+
+def constant_sigma(meta: dict, members: int | None, label: str) -> list[float] | None:
+    """An MSE run's sigma from its weights' metadata (CONSTANT_SIGMA): one positive finite
+    number for one model, a list of `members` of them for an ensemble; None when absent;
+    anything else is a UsageError."""
+    value = meta.get(CONSTANT_SIGMA)
+    if value is None:
+        return None
+    values = value if members is not None else [value]
+    ok = isinstance(values, list) and len(values) == (members or 1) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values)
+    if not ok:
+        want = f"a list of {members} positive numbers" if members else "a positive number"
+        raise UsageError(f"{label}: metadata '{CONSTANT_SIGMA}' is {value!r}, expected {want}")
+    return [float(v) for v in values]
 
 
 def read_weights(path: str, width: int, depth: int, dtype: str, members: int = 1

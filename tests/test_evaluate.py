@@ -210,3 +210,24 @@ def test_an_ensembles_stacked_file_is_evaluated_as_its_mixture(run_dir, tmp_path
     path = tmp_path / "bad.safetensors"
     interchange.write(str(path), bad)
     _refused(["--weights", str(path)], capsys, tmp_path / "out-bad", "var_head.bias")
+
+
+def test_bad_weights_metadata_is_refused(run_dir, tmp_path, capsys):
+    """Metadata a weights file carries (an MSE run's constant sigma) is checked: a file
+    whose metadata is not a JSON object, or whose sigma is not a positive number (a list of
+    one per member for an ensemble), is refused in one line."""
+    from safetensors.numpy import save_file
+
+    state = interchange.read(str(run_dir / "weights.safetensors"))
+    cases = {"text": "not json", "list": "[1, 2]", "word": '{"constant_sigma": "abc"}',
+             "two": '{"constant_sigma": [1.0, 2.0]}', "negative": '{"constant_sigma": -1}'}
+    for name, meta in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path), metadata={interchange.METADATA_KEY: meta})
+        _refused(["--weights", str(path), "--device", "cpu"], capsys, tmp_path / f"o-{name}",
+                  "metadata")
+    stacked = tmp_path / "stacked.safetensors"
+    save_file(interchange.stack([state, state]), str(stacked),
+              metadata={interchange.METADATA_KEY: '{"constant_sigma": [0.5]}'})
+    _refused(["--weights", str(stacked), "--device", "cpu"], capsys, tmp_path / "o-st",
+             "a list of 2")

@@ -174,3 +174,22 @@ def test_mixture_moments():
     m, v = metrics.mixture(mu, var)
     np.testing.assert_array_equal(m, [1.0, 1.0])
     np.testing.assert_array_equal(v, [2.0 + 1.0, 4.0])  # mean variance + spread of means
+
+
+def test_a_point_crossing_an_interval_end_moves_a_counted_metric_by_its_reach():
+    """A counted metric that moves by exactly its reach (one point across the 2-sigma
+    line) passes: the bound carries the rounding of computing it."""
+    rng = np.random.default_rng(2)
+    passed = 0
+    for _ in range(50):
+        y = rng.normal(size=500)
+        mu, sigma = np.zeros(500), np.ones(500)
+        y[0] = 2.0 + 1e-9
+        mu2 = mu.copy()
+        mu2[0] = 2e-8  # moves point 0 inside the 2-sigma interval
+        a, b = (metrics.final_metrics(y, m, sigma ** 2, None) for m in (mu, mu2))
+        assert a["coverage_2sigma"] != b["coverage_2sigma"]
+        checks = criteria.metric_checks("final", a, b, y, (mu, sigma), (mu2, sigma),
+                                        np.abs(mu2 - mu), 0.0, "float64", "a test")
+        passed += not criteria.failures(checks)
+    assert passed == 50
