@@ -93,9 +93,12 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
         held_digest = str(meta.get("held_out_digest", ""))
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise UsageError(f"{label} {path}: not a checkpoint of this project ({e})") from None
+    members = int(settings.get("ensemble") or 1) if isinstance(settings, dict) else 1
     history = tensors.get("loss_history")
-    if history is None or history.shape != (epoch,):
-        raise UsageError(f"{label} {path}: loss_history does not hold {epoch} epochs")
+    want = (epoch,) if members == 1 else (epoch, members)
+    if history is None or history.shape != want:
+        raise UsageError(f"{label} {path}: loss_history does not hold {epoch} epochs"
+                         + ("" if members == 1 else f" of {members} members"))
     if not np.isfinite(history).all():
         raise UsageError(f"{label} {path}: loss_history holds non-finite values")
 
@@ -117,9 +120,12 @@ def load(path: str, label: str = "--resume") -> Checkpoint:
         raise UsageError(f"{label} {path}: settings do not fit this version ({e})") from None
     if not 0 < epoch <= s.epochs:
         raise UsageError(f"{label} {path}: epoch {epoch} is outside the run's 1..{s.epochs}")
-    interchange.check(ckpt.weights, s.width, s.depth, s.dtype, label=f"{label} {path}: weights")
-    interchange.check(ckpt.initial_weights, s.width, s.depth, s.dtype,
-                      label=f"{label} {path}: initial weights")
+    for what, state in (("weights", ckpt.weights), ("initial weights", ckpt.initial_weights)):
+        if s.ensemble == 1:
+            interchange.check(state, s.width, s.depth, s.dtype, label=f"{label} {path}: {what}")
+        else:
+            interchange.check_stacked(state, s.ensemble, s.width, s.depth, s.dtype,
+                                      label=f"{label} {path}: {what}")
     for n, a in ckpt.optimizer.items():
         if not np.isfinite(a).all():
             raise UsageError(f"{label} {path}: optimizer tensor '{n}' holds non-finite values")

@@ -306,9 +306,6 @@ def validate(s: Settings) -> None:
     _check_int("--ensemble", s.ensemble, 1)
     if s.ensemble > MAX_ENSEMBLE:
         raise UsageError(f"--ensemble: at most {MAX_ENSEMBLE} members, got {s.ensemble}")
-    if s.ensemble > 1 and s.checkpoint_every:
-        raise UsageError("--ensemble: an ensemble's run is not checkpointed yet; drop "
-                         "--checkpoint-every")
     if s.ensemble > 1 and s.loop not in ("auto", "scan"):
         raise UsageError(f"--ensemble: members train in one vmapped program (jax scan, torch "
                          f"torch.func); --loop {s.loop} trains one model")

@@ -251,6 +251,21 @@ def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y,
     return runner, step
 
 
+def restore_opt_state(opt_state, optimizer: dict, device):
+    """A checkpoint's optimiser state (flattened leaves named '0', '1', ...) in the tree of
+    `opt_state`, checked leaf by leaf; a misfit is a UsageError naming the leaf."""
+    leaves, tree = jax.tree.flatten(opt_state)
+    if len(optimizer) != len(leaves):
+        raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
+                         f"expected {len(leaves)}")
+    saved = [np.asarray(optimizer.get(str(i))) for i in range(len(leaves))]
+    for i, (a, leaf) in enumerate(zip(saved, leaves)):
+        if a.shape != leaf.shape or a.dtype != leaf.dtype:
+            raise UsageError(f"--resume: optimizer tensor '{i}' is {a.dtype} {a.shape}, "
+                             f"expected {leaf.dtype} {leaf.shape}")
+    return jax.device_put(jax.tree.unflatten(tree, saved), device)
+
+
 class JaxEngine:
     """hetcore.backend.Engine for JAX (see the module docstring)."""
 
@@ -277,16 +292,7 @@ class JaxEngine:
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
         opt_state = optim.transform(self.cfg.opt, self.h).init(params)
         if optimizer is not None:
-            leaves, tree = jax.tree.flatten(opt_state)
-            if len(optimizer) != len(leaves):
-                raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
-                                 f"expected {len(leaves)}")
-            saved = [np.asarray(optimizer.get(str(i))) for i in range(len(leaves))]
-            for i, (a, leaf) in enumerate(zip(saved, leaves)):
-                if a.shape != leaf.shape or a.dtype != leaf.dtype:
-                    raise UsageError(f"--resume: optimizer tensor '{i}' is {a.dtype} "
-                                     f"{a.shape}, expected {leaf.dtype} {leaf.shape}")
-            opt_state = jax.device_put(jax.tree.unflatten(tree, saved), dev)
+            opt_state = restore_opt_state(opt_state, optimizer, dev)
         self.carry = new_carry(params, opt_state, dev)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
         length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)

@@ -19,12 +19,12 @@ import numpy as np
 
 from hetcore import interchange
 from hetcore.backend import Chunk, EngineOptions, Final, Prediction
-from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length
 from hetcore.settings import Settings
 from jaxhet import optim
 from jaxhet.device import describe, resolve_device
-from jaxhet.engine import _predict, compile_once, epoch, epoch_config, signature
+from jaxhet.engine import (_predict, compile_once, epoch, epoch_config, restore_opt_state,
+                           signature)
 from jaxhet.model import PRECISIONS
 from jaxhet.weights import put, to_state_dict
 
@@ -70,8 +70,6 @@ class JaxEnsembleEngine:
     def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
                  optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
-        if optimizer is not None:
-            raise UsageError("--resume: an ensemble's run is not checkpointed yet")
         self.loop = "scan"
         k, dtype = settings.ensemble, settings.dtype
         dev = resolve_device(settings.device)
@@ -85,6 +83,8 @@ class JaxEnsembleEngine:
         self.h = jax.device_put({**optim.hyper(settings, dtype),
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
         opt_state = jax.vmap(optim.transform(self.cfg.opt, self.h).init)(params)
+        if optimizer is not None:  # a checkpoint's: every member's, stacked
+            opt_state = restore_opt_state(opt_state, optimizer, dev)
         failed = jax.device_put(jnp.full((k,), -1, jnp.int32), dev)
         self.carry = (params, opt_state, failed)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)

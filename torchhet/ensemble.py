@@ -51,8 +51,6 @@ class TorchEnsembleEngine:
                  optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
         refuse_unroll(options)
-        if optimizer is not None:
-            raise UsageError("--resume: an ensemble's run is not checkpointed yet")
         t0 = time.perf_counter()
         s, dev = settings, resolve_device(settings.device)
         self.settings, self._dev, self.device = s, dev, describe(dev)
@@ -69,6 +67,15 @@ class TorchEnsembleEngine:
         self.sizes = batch_sizes(n, None if s.full_batch(n) else s.batch_size)
         self.schedule = optim.Schedule(s, n)
         self.opt = None if s.plain_sgd else optim.make(s, self.leaves, dev)
+        if optimizer:  # a checkpoint's: every member's, stacked
+            if self.opt is None:
+                raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
+                                 "expected none (plain SGD)")
+            try:
+                optim.load(self.opt, self.names, optimizer, dev)
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise UsageError(f"--resume: optimizer state does not fit --optimizer "
+                                 f"{s.optimizer} ({e})") from None
         self.length = chunk_length(s.epochs, s.chunk_epochs, s.checkpoint_every)
         self.losses = torch.empty(self.length, self.members, dtype=DTYPES[s.dtype], device=dev)
         self.compile_s = time.perf_counter() - t0
