@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetapps import options, registry
-from hetcore import criteria, data, driver, figures, interchange, metrics, outputs
+from hetcore import criteria, data, driver, figures, interchange, outputs
 from hetcore.errors import UsageError
 from hetcore.settings import BACKENDS, Settings
 
@@ -236,7 +236,14 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
             f"{q} on the grid ({grid.shape[0]} points)", band["jax"][i], band["torch"][i],
             pairs, dtype, fixed=fixed))
         band_bounds.append(checks[-1].bound)
-    checks += _metric_checks(runs, y, inp.held_out.get(dtype), *band_bounds, dtype)
+    # The metrics, each within the reach of predictions as far apart as the band checks
+    # allow.
+    held = inp.held_out.get(dtype)
+    b_mu, b_sigma = band_bounds
+    checks += criteria.run_metric_checks(
+        runs["jax"], runs["torch"], y, None if held is None else held[1], b_mu, b_sigma,
+        f"bound: the reach of predictions within the band checks' bounds (mu {b_mu:.3g}, "
+        f"sigma {b_sigma:.3g})")
 
     ref_curves = {}
     if reference is not None:
@@ -268,26 +275,6 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
                  "mu_torch": band["torch"][0], "sigma_torch": band["torch"][1]},
         "data": {"x": x[:, 0], "y": y[:, 0]},
     }
-
-
-def _metric_checks(runs: dict, y, held, b_mu: float, b_sigma: float, dtype: str
-                   ) -> list[criteria.Check]:
-    """The metrics of both frameworks' predictions, on the training data and the held-out
-    data, each within the reach of predictions as far apart as the band checks allow."""
-    a, b = runs["jax"], runs["torch"]
-    splits = {"final": (y, (a.mu, a.sigma), (b.mu, b.sigma))}
-    if held is not None:
-        splits["test"] = (held[1], (a.held_out.mu, a.held_out_sigma),
-                          (b.held_out.mu, b.held_out_sigma))
-    checks = []
-    for split, (yy, pa, pb) in splits.items():
-        ma, mb = (metrics.final_metrics(yy, p[0], np.asarray(p[1], np.float64) ** 2, None)
-                  for p in (pa, pb))
-        checks += criteria.metric_checks(
-            split, ma, mb, yy, pa, pb, b_mu, b_sigma, dtype,
-            f"bound: the reach of predictions within the band checks' bounds (mu {b_mu:.3g}, "
-            f"sigma {b_sigma:.3g})")
-    return checks
 
 
 def _reference_run(inp: Inputs, quiet: bool) -> dict:

@@ -14,8 +14,6 @@ import argparse
 import os
 import time
 
-import numpy as np
-
 from hetapps import options, registry
 from hetcore import data, driver, metrics, outputs
 from hetcore.errors import UsageError

@@ -547,21 +547,7 @@ def compare(a: "RunResult", b: "RunResult", y=None, held_y=None,
     g = gap(a.loss_history, b.loss_history)
     out["loss_gap_per_epoch"] = [float(v) for v in g]
     if y is not None:
-        splits = {"final": (y, (a.mu, a.sigma), (b.mu, b.sigma))}
-        if held_y is not None and a.held_out is not None and b.held_out is not None:
-            splits["test"] = (held_y, (a.held_out.mu, a.held_out_sigma),
-                              (b.held_out.mu, b.held_out_sigma))
-        checks = []
-        for split, (yy, pa, pb) in splits.items():
-            if run_metrics is None:
-                ma, mb = (metrics.final_metrics(yy, p[0], _as64(p[1]) ** 2, None)
-                          for p in (pa, pb))
-            else:
-                ma, mb = run_metrics[0][split], run_metrics[1][split]
-            checks += metric_checks(split, ma, mb, yy, pa, pb, np.abs(_as64(pa[0]) - pb[0]),
-                                    np.abs(_as64(pa[1]) - pb[1]), a.dtype,
-                                    "bound: the reach of the predictions' own gaps at each "
-                                    "point", (a.framework, b.framework))
+        checks = run_metric_checks(a, b, y, held_y, run_metrics=run_metrics)
         out["metrics"] = {"pass": not failures(checks), "reason": METRICS_REASON,
                           "checks": [c.to_dict() for c in checks]}
     return out
@@ -676,4 +662,32 @@ def metric_checks(split: str, metrics_a: dict, metrics_b: dict, y, pred_a, pred_
             max_rel=gap_ / mag if mag else 0.0, bound=bound, ok=bool(gap_ <= bound),
             where="metric", detail=f"{_values(labels, va, vb)}; {basis}",
             reason=METRICS_REASON, kind="metric"))
+    return checks
+
+
+def run_metric_checks(a: "RunResult", b: "RunResult", y, held_y=None, d_mu=None, d_sigma=None,
+                      basis: str | None = None, run_metrics: tuple[dict, dict] | None = None
+                      ) -> list[Check]:
+    """metric_checks of two runs' predictions on the training data (y) and, when both
+    predicted there, the held-out data (held_y). d_mu, d_sigma: how far apart the
+    predictions may be, said in `basis`; None: their own gaps at each point. run_metrics:
+    the runs' metrics.json blocks ({"final": ..., "test": ...}), computed here when not
+    given."""
+    splits = {"final": (y, (a.mu, a.sigma), (b.mu, b.sigma))}
+    if held_y is not None and a.held_out is not None and b.held_out is not None:
+        splits["test"] = (held_y, (a.held_out.mu, a.held_out_sigma),
+                          (b.held_out.mu, b.held_out_sigma))
+    own = d_mu is None
+    if own:
+        basis = "bound: the reach of the predictions' own gaps at each point"
+    checks = []
+    for split, (yy, pa, pb) in splits.items():
+        if run_metrics is None:
+            ma, mb = (metrics.final_metrics(yy, p[0], _as64(p[1]) ** 2, None) for p in (pa, pb))
+        else:
+            ma, mb = run_metrics[0][split], run_metrics[1][split]
+        dm, ds = ((np.abs(_as64(pa[0]) - pb[0]), np.abs(_as64(pa[1]) - pb[1])) if own
+                  else (d_mu, d_sigma))
+        checks += metric_checks(split, ma, mb, yy, pa, pb, dm, ds, a.dtype, basis,
+                                (a.framework, b.framework))
     return checks

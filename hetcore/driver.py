@@ -133,15 +133,14 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     k = settings.ensemble
     history = np.full((settings.epochs,) if k == 1 else (settings.epochs, k), np.nan)
     first = 0
+    held_digest = "" if held_out is None else checkpoint.data_digest(*held_out)
+    curve: list[tuple[int, float]] = []  # (epochs done, held-out loss) at each chunk's end
     if resume is not None:
         if resume.data_digest != digest:
             raise UsageError(f"--resume {os.path.dirname(resume.path) or resume.path}: the data "
                              "differ from those the run started with")
         first = resume.epoch
         history[:first] = resume.loss_history
-    held_digest = "" if held_out is None else checkpoint.data_digest(*held_out)
-    curve: list[tuple[int, float]] = []  # (epochs done, held-out loss) at each chunk's end
-    if resume is not None:
         # A checkpoint written before runs tracked held-out data has no digest: the run
         # goes on, its held-out curve starting at the resumed epoch.
         if resume.held_out_digest not in ("", held_digest):
@@ -215,15 +214,7 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     if k > 1:
         return _ensemble_result(backend, engine, settings, x, y, initial_weights, history,
                                 final, train_s, curve)
-    var, held = final.var, final.held_out
-    if settings.loss == "mse":  # the variance head was never trained: sigma is the
-        # training residuals' root mean square, the same at every x
-        resid = y[:, 0].astype(np.float64) - final.mu.astype(np.float64)
-        rms2 = np.mean(resid ** 2)
-        var = np.full(len(x), rms2).astype(settings.dtype)
-        if held is not None:
-            held = Prediction(held.mu, np.full(held.mu.shape, rms2).astype(settings.dtype),
-                              held.loss)
+    var, held = _mse_sigma(settings, y, final)
     return RunResult(
         framework=backend.NAME, device=engine.device, dtype=settings.dtype,
         loss_history=history.astype(settings.dtype), initial_weights=dict(initial_weights),
@@ -233,23 +224,30 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     )
 
 
-def _mse_var(settings: Settings, y: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    """An MSE run's variance at every point: the training residuals' mean square (per
-    member: mu (K, N) gives (K,))."""
-    resid = y[:, 0].astype(np.float64) - np.asarray(mu, np.float64)
-    return np.mean(resid ** 2, axis=-1)
+def _mse_sigma(settings: Settings, y: np.ndarray, final) -> tuple[np.ndarray, Prediction | None]:
+    """The final variance on the training and held-out data. An MSE run's variance head
+    was never trained: its sigma is the training residuals' root mean square, the same at
+    every x (an ensemble's: each member's own)."""
+    if settings.loss != "mse":
+        return final.var, final.held_out
+    resid = y[:, 0].astype(np.float64) - np.asarray(final.mu, np.float64)
+    rms2 = np.expand_dims(np.mean(resid ** 2, axis=-1), -1)  # (1,), or (K, 1) per member
+
+    def at(mu):
+        return np.broadcast_to(rms2, np.shape(mu)).astype(settings.dtype)
+
+    held = final.held_out
+    if held is not None:
+        held = Prediction(held.mu, at(held.mu), held.loss)
+    return at(final.mu), held
 
 
 def _ensemble_result(backend, engine, settings, x, y, initial_weights, history, final,
                      train_s, curve) -> RunResult:
-    """An ensemble's RunResult: the members' mixture, and each member's own (RunResult)."""
-    mu, var, held = final.mu, final.var, final.held_out
-    if settings.loss == "mse":  # each member's sigma: its own residuals' RMS, at every x
-        rms2 = _mse_var(settings, y, mu)[:, None]
-        var = np.broadcast_to(rms2, mu.shape).astype(settings.dtype)
-        if held is not None:
-            held = Prediction(held.mu, np.broadcast_to(rms2, held.mu.shape).astype(
-                settings.dtype), held.loss)
+    """An ensemble's RunResult: the members' mixture, and each member's own predictions
+    and losses."""
+    mu = final.mu
+    var, held = _mse_sigma(settings, y, final)
     mix_mu, mix_var = metrics.mixture(mu, var)
     held_mix = None
     if held is not None:

@@ -251,6 +251,32 @@ def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y,
     return runner, step
 
 
+def predict_programs(fn, graphdef, cfg: EpochConfig, params, h, device, x, y,
+                     held_out=None) -> dict:
+    """{"train": (x, y, program), "held": ...}: the compiled prediction `fn` (mu, var and
+    the training loss) on the training data and, when given, the held-out data, both on
+    the device; `fn` is predict_jit or an ensemble's vmapped one."""
+    data = {"train": (x, y)} | ({} if held_out is None else {"held": held_out})
+    programs = {}
+    for name, (px, py) in data.items():
+        px, py = jax.device_put(px, device), jax.device_put(py, device)
+        key = (fn, graphdef, cfg.loss, cfg.full, signature((params, px, py, h)), device)
+        programs[name] = (px, py, compile_once(fn, key, graphdef, cfg.loss, cfg.full, params,
+                                               px, py, h["beta"]))
+    return programs
+
+
+def predict_on(programs: dict, name: str, params, h):
+    """(mu, var, loss) of `params` on the data `name` of predict_programs, on the device."""
+    px, py, program = programs[name]
+    return program(params, px, py, h["beta"])
+
+
+def opt_leaves(opt_state) -> dict[str, np.ndarray]:
+    """An optimiser state's leaves as host arrays named '0', '1', ...: a checkpoint's."""
+    return {str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(opt_state))}
+
+
 def restore_opt_state(opt_state, optimizer: dict, device):
     """A checkpoint's optimiser state (flattened leaves named '0', '1', ...) in the tree of
     `opt_state`, checked leaf by leaf; a misfit is a UsageError naming the leaf."""
@@ -299,28 +325,16 @@ class JaxEngine:
         self.runner, self.compiled = make_runner(self.loop, self.graphdef, self.cfg, length,
                                                  self.carry, self.x, self.y, self.h, dev,
                                                  options.unroll)
-        key = ("predict", self.graphdef, self.cfg.loss, self.cfg.full,
-               signature((params, self.x, self.y, self.h)), dev)
-        self.predict = compile_once(predict_jit, key, self.graphdef, self.cfg.loss,
-                                    self.cfg.full, params, self.x, self.y, self.h["beta"])
-        self.held = None  # (x, y, their compiled prediction) on the device
-        if held_out is not None:
-            xt, yt = (jax.device_put(a, dev) for a in held_out)
-            key = ("predict", self.graphdef, self.cfg.loss, self.cfg.full,
-                   signature((params, xt, yt, self.h)), dev)
-            self.held = (xt, yt, compile_once(predict_jit, key, self.graphdef, self.cfg.loss,
-                                              self.cfg.full, params, xt, yt, self.h["beta"]))
+        self.programs = predict_programs(predict_jit, self.graphdef, self.cfg, params, self.h,
+                                         dev, self.x, self.y, held_out)
         self.compile_s = time.perf_counter() - t0
-
-    def _predict_held(self, params):
-        xt, yt, program = self.held
-        return program(params, xt, yt, self.h["beta"])
 
     def launch(self, start: int, count: int, orders=None):
         self.carry, losses, failed = self.runner(self.carry, count, start, orders)
         # Queued behind the chunk, read with it: the held-out loss of its final weights
         # (the next chunk's donation of them waits for this reader).
-        held = None if self.held is None else self._predict_held(self.carry[0])[2]
+        held = (None if "held" not in self.programs
+                else predict_on(self.programs, "held", self.carry[0], self.h)[2])
         return start, count, losses, failed, held
 
     def read(self, handle) -> Chunk:
@@ -339,18 +353,17 @@ class JaxEngine:
 
     def state(self):
         params, opt_state, _ = self.carry
-        return (to_state_dict(params),
-                {str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(opt_state))})
+        return to_state_dict(params), opt_leaves(opt_state)
 
     def wait(self) -> None:
         jax.block_until_ready(self.carry)
 
     def finish(self) -> Final:
         params = self.carry[0]
-        mu, var, loss = self.predict(params, self.x, self.y, self.h["beta"])
+        mu, var, loss = predict_on(self.programs, "train", params, self.h)
         held = None
-        if self.held is not None:
-            hm, hv, hl = self._predict_held(params)
+        if "held" in self.programs:
+            hm, hv, hl = predict_on(self.programs, "held", params, self.h)
             held = Prediction(np.asarray(hm)[:, 0], np.asarray(hv)[:, 0], float(hl))
         return Final(to_state_dict(params), np.asarray(mu)[:, 0], np.asarray(var)[:, 0],
                      float(loss), held)

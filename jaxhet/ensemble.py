@@ -23,8 +23,8 @@ from hetcore.schedule import chunk_length
 from hetcore.settings import Settings
 from jaxhet import optim
 from jaxhet.device import describe, resolve_device
-from jaxhet.engine import (_predict, compile_once, epoch, epoch_config, restore_opt_state,
-                           signature)
+from jaxhet.engine import (_predict, compile_once, epoch, epoch_config, opt_leaves,
+                           predict_on, predict_programs, restore_opt_state, signature)
 from jaxhet.model import PRECISIONS
 from jaxhet.weights import put, to_state_dict
 
@@ -99,20 +99,9 @@ class JaxEnsembleEngine:
                                   self.graphdef, self.length, self.cfg, unroll, self.carry,
                                   self.x, self.y, self.h, example, np.int32(self.length),
                                   np.int32(0))
-        self.programs = {}
-        for name, (px, py) in {"train": (self.x, self.y), **(
-                {} if held_out is None else {"held": tuple(jax.device_put(a, dev)
-                                                           for a in held_out)})}.items():
-            key = ("members-predict", self.graphdef, self.cfg.loss, self.cfg.full,
-                   signature((params, px, py, self.h)), dev)
-            self.programs[name] = (px, py, compile_once(
-                _predict_jit, key, self.graphdef, self.cfg.loss, self.cfg.full, params, px, py,
-                self.h["beta"]))
+        self.programs = predict_programs(_predict_jit, self.graphdef, self.cfg, params, self.h,
+                                         dev, self.x, self.y, held_out)
         self.compile_s = time.perf_counter() - t0
-
-    def _predict(self, name: str, params):
-        px, py, program = self.programs[name]
-        return program(params, px, py, self.h["beta"])
 
     def launch(self, start: int, count: int, orders=None):
         if self.batched:  # the masked tail's epochs take the chunk's last orders again
@@ -120,7 +109,7 @@ class JaxEnsembleEngine:
         self.carry, (losses, failed) = self.chunk(self.carry, self.x, self.y, self.h, orders,
                                                   np.int32(count), np.int32(start))
         held = (None if "held" not in self.programs
-                else jnp.mean(self._predict("held", self.carry[0])[2]))
+                else jnp.mean(predict_on(self.programs, "held", self.carry[0], self.h)[2]))
         return start, count, losses, failed, held
 
     def read(self, handle) -> Chunk:
@@ -137,24 +126,23 @@ class JaxEnsembleEngine:
         return Chunk(losses, e, bool(np.isfinite(losses[e - start, member])), batch,
                      chunk.held_out_loss, member)
 
+    def _weights(self) -> dict:
+        params = self.carry[0]
+        return interchange.stack([to_state_dict(member_tree(params, i))
+                                  for i in range(self.members)])
+
     def state(self):
-        params, opt_state, _ = self.carry
-        weights = interchange.stack([to_state_dict(member_tree(params, i))
-                                     for i in range(self.members)])
-        return weights, {str(i): np.asarray(a)
-                         for i, a in enumerate(jax.tree.leaves(opt_state))}
+        return self._weights(), opt_leaves(self.carry[1])
 
     def wait(self) -> None:
         jax.block_until_ready(self.carry)
 
     def finish(self) -> Final:
         params = self.carry[0]
-        mu, var, loss = self._predict("train", params)
+        mu, var, loss = predict_on(self.programs, "train", params, self.h)
         held = None
         if "held" in self.programs:
-            hm, hv, hl = self._predict("held", params)
+            hm, hv, hl = predict_on(self.programs, "held", params, self.h)
             held = Prediction(np.asarray(hm)[..., 0], np.asarray(hv)[..., 0], np.asarray(hl))
-        weights = interchange.stack([to_state_dict(member_tree(params, i))
-                                     for i in range(self.members)])
-        return Final(weights, np.asarray(mu)[..., 0], np.asarray(var)[..., 0],
+        return Final(self._weights(), np.asarray(mu)[..., 0], np.asarray(var)[..., 0],
                      np.asarray(loss), held)

@@ -384,15 +384,15 @@ class TorchEngine:
                   copy.deepcopy(self.runner.opt.state_dict()))
         with matmul_precision(self.precision):
             self._chunk(start, count, orders)  # losses stay on the device until read
-            held = None if self.held is None else self._predict_held()[2]
+            held = None if self.held is None else self._predict(*self.held)[2]
         return start, count, orders, before, held
 
-    def _predict_held(self):
-        """(mu, var, loss) of the current weights on the held-out data, on the device."""
-        s, (xt, yt) = self.settings, self.held
+    def _predict(self, x, y):
+        """(mu, var, loss) of the current weights on x, y, on the device."""
+        s = self.settings
         with torch.no_grad():
-            mu, var = self.model(xt)
-            return mu, var, training_loss(s.loss, mu, var, yt, s.full, s.beta)
+            mu, var = self.model(x)
+            return mu, var, training_loss(s.loss, mu, var, y, s.full, s.beta)
 
     def read(self, handle) -> Chunk:
         start, count, orders, before, held = handle
@@ -449,13 +449,11 @@ class TorchEngine:
         # The loop's own buffers (no-autograd keeps depth + 1 (N, width) blocks, CUDA graphs
         # a pool) go before the final forward pass allocates its own: not both at the peak.
         self.runner = None
-        s = self.settings
-        with torch.no_grad(), matmul_precision(self.precision):
-            mu, var = self.model(self.x)
-            value = training_loss(s.loss, mu, var, self.y, s.full, s.beta)
+        with matmul_precision(self.precision):
+            mu, var, value = self._predict(self.x, self.y)
             held = None
             if self.held is not None:
-                hm, hv, hl = self._predict_held()
+                hm, hv, hl = self._predict(*self.held)
                 held = Prediction(hm[:, 0].cpu().numpy(), hv[:, 0].cpu().numpy(), float(hl))
         return Final(to_state_dict(self.model), mu[:, 0].cpu().numpy(),
                      var[:, 0].cpu().numpy(), float(value), held)
