@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Callable
 
-from hetcore.errors import TrainingDiverged, UsageError
+from hetcore.errors import ProcessFailed, TrainingDiverged, UsageError
 from hetcore.settings import (DEVICES, DTYPES, FRAMEWORKS, LOOPS, LOSSES, OPTIMIZERS, PRESETS,
                               RECIPES, SCHEDULES, Settings)
 
@@ -77,6 +77,10 @@ SETTINGS_OPTIONS: dict[str, dict] = {
     "ensemble": dict(type=int, metavar="K", help="train K members together in one program "
                      "(member k: initial weights from seed + k, shuffle seed S + k); the "
                      "run's predictions are their Gaussian mixture"),
+    "devices": dict(type=int, metavar="N", help="data-parallel training over N devices: "
+                    "jax on N of the platform's devices (on a CPU, XLA_FLAGS="
+                    "--xla_force_host_platform_device_count=N makes them), torch in N "
+                    "processes (DistributedDataParallel; or as many as torchrun started)"),
     "shuffle_seed": dict(type=int, metavar="S", help="epoch e visits the points in the order "
                          "np.random.default_rng([S, e]).permutation(N)"),
 }
@@ -127,16 +131,21 @@ def settings(args: argparse.Namespace, **fixed) -> Settings:
 
 
 def main(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | None = None,
-         interrupted: str | None = None) -> int:
+         interrupted: str | None = None, report: Callable | None = None) -> int:
     """A command's entry point: parse (bad usage exits 2 with one line), run, and turn the
-    two failures a command reports without a traceback into their line and exit status
-    (UsageError 2, TrainingDiverged 1). With `interrupted`, an interrupt prints that line
-    and exits 130; without, it goes on up (a command that keeps what it measured so far)."""
+    failures a command reports without a traceback into their line and exit status
+    (UsageError 2, TrainingDiverged and ProcessFailed 1). With `interrupted`, an interrupt
+    prints that line and exits 130; without, it goes on up (a command that keeps what it
+    measured so far). `report(code, line)`, if given, takes the failure's line instead of
+    stderr (a worker of hetapps.launch)."""
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (UsageError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, TrainingDiverged, ProcessFailed) as e:
+        if report is not None:
+            report(e.exit_code, f"error: {e}")
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if interrupted is None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 
-from hetapps import options, registry
+from hetapps import launch, options, registry
 from hetcore import checkpoint, criteria, data, driver, figures, hostmem, interchange, outputs
 from hetcore.driver import RunResult
-from hetcore.errors import UsageError
+from hetcore.errors import ProcessFailed, TrainingDiverged, UsageError
 from hetcore.metrics import calibration_curve, final_metrics, EXPECTED
 from hetcore.settings import Settings, check_memory, check_predict_memory
 
@@ -28,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its checkpoints, with its own settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("jax over several processes (one per machine, say)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, where "
+                   "the processes meet (jax.distributed); auto: from the cluster's "
+                   "environment (SLURM, Open MPI, Cloud TPU)")
+    g.add_argument("--num-processes", type=int, metavar="P", help="how many processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. "
+                   "P-1 (0 writes the run)")
     return p
 
 
@@ -202,17 +210,33 @@ def held_out_data(settings: Settings, dataset: data.Dataset, backends: dict, dev
     return held, hx, hy
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """The train command on parsed `args`; `argv`, the command line they came from, is
+    what the workers of a torch run over several processes are started with."""
     ckpts: dict = {}
     if args.resume is not None:
         settings, out, ckpts = resume_plan(args)
     else:
         settings = options.settings(args)
         out = args.out or outputs.default_out(settings.framework)
+    settings = launch.torchrun_world(settings, options.given(args))
+    # Process 0 writes the run, and alone checks where (every process knows its index
+    # before it waits for the others, so that a refusal comes before any wait).
+    hinted = launch.worker_rank() if launch.worker_rank() is not None else args.process_id
+    if args.resume is None and not hinted:
         outputs.check_out(out, args.overwrite)
     names = registry.names(settings.framework)
     host_malloc = hostmem.keep_freed_memory()  # before a framework allocates anything
     backends = {n: registry.backend(n) for n in names}
+    # torch over several processes without torchrun: this process starts them (below).
+    starts_workers = (settings.framework == "torch" and settings.devices > 1
+                      and launch.worker_rank() is None)
+    cluster = {"coordinator": args.coordinator, "num_processes": args.num_processes,
+               "process_id": args.process_id}
+    rank, processes = 0, 1
+    if not starts_workers:
+        for b in backends.values():
+            rank, processes = b.join(settings, cluster)
     devices = {n: b.resolve_device(settings.device) for n, b in backends.items()}
 
     def check_fits(n_points: int) -> None:
@@ -236,14 +260,34 @@ def run(args: argparse.Namespace) -> int:
               "out": os.path.abspath(out),
               "resumed_from_epoch": {fw: c.epoch for fw, c in ckpts.items()}}
 
+    if starts_workers:
+        given_out = args.out is not None or args.resume is not None
+        return launch.spawn(list(argv or []) + ([] if given_out else ["--out", out]),
+                            settings.devices)
+
+    writer = rank == 0
     results = {}
-    for n, b in backends.items():
-        results[n] = driver.train(
-            b, settings, x, y, weights, progress=not args.no_progress, resume=ckpts.get(n),
-            checkpoint_path=(os.path.join(out, checkpoint.filename(n))
-                             if settings.checkpoint_every else None),
-            checkpoint_extra={"init_source": weights_source},
-            held_out=None if held_out is None else held_out[1:])
+    try:
+        for n, b in backends.items():
+            results[n] = driver.train(
+                b, settings, x, y, weights, progress=writer and not args.no_progress,
+                resume=ckpts.get(n),
+                checkpoint_path=(os.path.join(out, checkpoint.filename(n))
+                                 if settings.checkpoint_every and writer else None),
+                checkpoint_extra={"init_source": weights_source},
+                held_out=None if held_out is None else held_out[1:])
+    except (UsageError, TrainingDiverged):
+        raise
+    except Exception as e:  # noqa: BLE001 - one of several processes: one line, exit 1
+        if processes == 1:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ProcessFailed(f"{settings.framework} process {rank} of {processes} failed: "
+                            f"{type(e).__name__}: {first}") from None
+    if not writer:
+        for b in backends.values():
+            b.leave()
+        return 0
 
     with outputs.staged(out) as stage:
         lines, written = [], {}
@@ -271,9 +315,17 @@ def run(args: argparse.Namespace) -> int:
                     os.remove(stale)
     print("\n".join(lines))
     print(f"wrote {out}")
+    for b in backends.values():
+        b.leave()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return options.main(build_parser(), run, argv, interrupted="interrupted; nothing "
-                        "written to --out (checkpoints, if any, are kept)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return options.main(build_parser(), lambda args: run(args, argv), argv,
+                        interrupted="interrupted; nothing written to --out (checkpoints, "
+                        "if any, are kept)", report=launch.reporter())
+
+
+if __name__ == "__main__":  # how hetapps.launch starts a worker
+    sys.exit(main())

@@ -187,11 +187,23 @@ class Backend(Protocol):
     def versions(self) -> dict:
         """Versions of the framework and its libraries, for metrics.json."""
 
+    def join(self, settings, cluster: dict) -> tuple[int, int]:
+        """Join the run's other processes, if it has any, before any device is used;
+        returns (this process's index, the process count); index 0 writes the outputs.
+        cluster: the command's --coordinator, --num-processes and --process-id (None when
+        not given); jax joins through them, torch through torch.distributed's environment
+        variables (set by torchrun or hetapps.launch). UsageError for what cannot be
+        joined."""
+
+    def leave(self) -> None:
+        """Leave the processes joined (nothing after a one-process run)."""
+
     def engine(self, settings, x: np.ndarray, y: np.ndarray, weights: StateDict,
                optimizer: dict[str, np.ndarray] | None = None,
                options: EngineOptions = EngineOptions(),
                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> Engine:
-        """An engine for `settings` (dtype, device, loop, lr, loss, chunk length, ensemble)
+        """An engine for `settings` (dtype, device, loop, lr, loss, chunk length, ensemble,
+        devices: data-parallel over a mesh (jax) or the processes joined (torch))
         on x, y (N, 1) from `weights` (an ensemble's: stacked), and from `optimizer` (a
         checkpoint's optimiser state) when resuming; `held_out`: (x, y) (M, 1) data to
         evaluate on after every chunk and at the end. Compiles or warms up before it

@@ -26,3 +26,10 @@ class TrainingDiverged(Exception):
         what = (f"the update of {at} made the weights non-finite" if weights
                 else f"loss is {loss} at {at}")
         super().__init__(f"{framework}: training diverged: {what}; try a smaller --lr")
+
+
+class ProcessFailed(Exception):
+    """One process of a run over several failed (lost its peers, or an error of its own):
+    exit status 1, one line naming the process."""
+
+    exit_code = 1

@@ -99,3 +99,12 @@ def batch_sizes(n_points: int, batch_size: int | None) -> list[int]:
     does not divide n_points."""
     b = n_points if batch_size is None else min(batch_size, n_points)
     return [min(b, n_points - i) for i in range(0, n_points, b)]
+
+
+def shard_bounds(batch: int, devices: int, rank: int) -> tuple[int, int]:
+    """The points [lo, hi) of a batch of `batch` points that device (or process) `rank` of
+    `devices` takes in a data-parallel run: contiguous blocks of ceil(batch / devices), the
+    last ones shorter or empty. Each computes the sum of its points' losses over `batch`;
+    the devices' sums add up to the batch's mean, however unevenly it split."""
+    size = -(-batch // devices)
+    return min(rank * size, batch), min((rank + 1) * size, batch)

@@ -29,6 +29,8 @@ NO_REMAT = ("no-autograd",)
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")
 MAX_EPOCHS = 10**7  # a loss history of 80 MB; more is refused before any work
 MAX_ENSEMBLE = 4096  # members trained together; each is a whole model in memory
+MAX_DEVICES = 4096  # data-parallel devices (or processes); more than any machine has
+DEVICE_LOOPS = {"jax": ("scan",), "torch": ("eager", "optim")}  # the loops that shard
 
 # Recipes: named defaults for the training options (the fields of RECIPE_FIELDS); an option
 # given explicitly overrides the recipe's, and a recipe's default for an option that does
@@ -87,6 +89,10 @@ class Settings:
         initial weights drawn with seed init_seed + k (or the k-th of a stacked --init-from
         file) and visits its batches with shuffle seed shuffle_seed + k. Its predictions
         are the members' Gaussian mixture.
+      devices: data-parallel training over this many devices (JAX: a one-axis mesh, each
+        batch's points split over it; torch: as many processes, DistributedDataParallel),
+        with the one-device run's result up to the order of the sums: each batch's loss
+        and gradient are the mean over all its points, however unevenly they split.
       batch_size, shuffle_seed: epoch e visits the points in the order
         np.random.default_rng([shuffle_seed, e]).permutation(N), in batches of batch_size
         (the last one shorter), one update each; batch_size >= N is the full batch, with
@@ -124,6 +130,7 @@ class Settings:
     batch_size: int | None = None
     shuffle_seed: int = 0
     ensemble: int = 1
+    devices: int = 1
 
     def __post_init__(self):
         _check_choice("--recipe", self.recipe, tuple(RECIPES))
@@ -311,6 +318,7 @@ def validate(s: Settings) -> None:
                          f"torch.func); --loop {s.loop} trains one model")
     if s.ensemble > 1 and s.remat:
         raise UsageError("--ensemble: --remat is for one model's activations; drop it")
+    _check_devices(s)
     if s.seed is not None:
         _check_int("--seed", s.seed, 0)
         if s.seed + s.ensemble - 1 >= 2**32:
@@ -335,6 +343,25 @@ def validate(s: Settings) -> None:
         others = [loop for loop in LOOPS["torch"] if loop not in NO_REMAT]
         raise UsageError(f"--remat: --loop {s.loop} does not rematerialise (it keeps depth + 1 "
                          f"activation blocks); use {', '.join(others)}")
+
+
+def _check_devices(s: Settings) -> None:
+    """--devices: a count, and only with what shards (whether that many are present is the
+    backend's to say, hetcore.backend.Backend.mesh)."""
+    _check_int("--devices", s.devices, 1)
+    if s.devices > MAX_DEVICES:
+        raise UsageError(f"--devices: at most {MAX_DEVICES}, got {s.devices}")
+    if s.devices == 1:
+        return
+    if s.framework == "both":
+        raise UsageError(f"--devices {s.devices}: torch runs one process a device, jax one "
+                         "process for all; train each --framework on its own")
+    if s.ensemble > 1:
+        raise UsageError(f"--devices {s.devices}: an ensemble trains on one device; drop "
+                         "--ensemble or --devices")
+    if s.loop != "auto" and s.loop not in DEVICE_LOOPS[s.framework]:
+        raise UsageError(f"--loop {s.loop}: trains on one device; with --devices, "
+                         f"{s.framework} runs auto, {', '.join(DEVICE_LOOPS[s.framework])}")
 
 
 def _check_number(name: str, value, low: float, high: float, high_open: bool = False) -> None:

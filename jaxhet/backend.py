@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from hetcore.backend import EngineOptions
+from hetcore.errors import UsageError
 from hetcore.settings import OPTION_DEFAULTS, Settings
 from jaxhet.device import describe, memory_bytes, platform, resolve_device  # noqa: F401
 from jaxhet.device import enable_x64, x64_tracing
@@ -76,6 +77,23 @@ def versions() -> dict:
         "python": _platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
         "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
     }
+
+
+def join(settings: Settings, cluster: dict) -> tuple[int, int]:
+    """jax.distributed when --coordinator is given (jaxhet.parallel.initialize)."""
+    from jaxhet import parallel
+
+    if cluster.get("coordinator") is not None:
+        parallel.initialize(cluster["coordinator"], cluster.get("num_processes"),
+                            cluster.get("process_id"))
+    elif cluster.get("num_processes") is not None or cluster.get("process_id") is not None:
+        raise UsageError("--num-processes, --process-id: need --coordinator HOST:PORT (or "
+                         "--coordinator auto on a cluster)")
+    return jax.process_index(), jax.process_count()
+
+
+def leave() -> None:
+    """jax.distributed shuts down at exit by itself."""
 
 
 def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,

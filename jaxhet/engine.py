@@ -30,6 +30,7 @@ instead of keeping them; less memory, one more trunk forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
@@ -44,9 +45,9 @@ from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
-from jaxhet import optim
+from jaxhet import optim, parallel
 from jaxhet.device import describe, resolve_device, x64_tracing
-from jaxhet.model import PRECISIONS, training_loss
+from jaxhet.model import PRECISIONS, point_loss, training_loss
 from jaxhet.weights import put, to_state_dict
 
 LOOPS = ALL_LOOPS["jax"]  # named once, in hetcore.settings
@@ -94,13 +95,34 @@ class EpochConfig:
     n_points: int
     batch: int  # points per batch; the last one of an epoch holds what is left
     batches: int  # batches (updates) per epoch
+    devices: int = 1  # > 1: the program runs inside a shard_map over that many (parallel)
 
 
 def epoch_config(settings: Settings, n_points: int) -> EpochConfig:
     batch = n_points if settings.full_batch(n_points) else settings.batch_size
     return EpochConfig(settings.loss, settings.full, settings.remat,
                        optim.config(settings, n_points), n_points, batch,
-                       settings.batches(n_points))
+                       settings.batches(n_points), settings.devices)
+
+
+def shard_value_and_grad(params, graphdef, cfg: EpochConfig, x, y, h):
+    """Inside the mesh's shard_map: the loss and gradient of the batch x, y from this
+    device's share of it (hetcore.schedule.shard_bounds: blocks of ceil(b / devices) points,
+    padded past the batch's end and masked), each device's sum of its points' losses over
+    the batch size b, summed over the devices by one psum."""
+    b = x.shape[0]
+    size = -(-b // cfg.devices)
+    pos = jax.lax.axis_index(parallel.AXIS) * size + jnp.arange(size)
+    keep = (pos < b)[:, None]
+    idx = jnp.minimum(pos, b - 1)
+    xs, ys = x[idx], y[idx]
+
+    def share(params):
+        mu, var = _forward(nnx.merge(graphdef, params), xs, cfg.remat)
+        terms = point_loss(cfg.loss, mu, var, ys, cfg.full, h["beta"])
+        return jnp.sum(jnp.where(keep, terms, jnp.zeros_like(terms))) / b
+
+    return jax.lax.psum(jax.value_and_grad(share)(params), parallel.AXIS)
 
 
 def new_carry(params, opt_state, device):
@@ -115,8 +137,11 @@ def update(graphdef, cfg: EpochConfig, carry, x, y, h, active, t):
     params, opt_state, failed = carry
     ok = failed < 0
     tx = optim.transform(cfg.opt, h)
-    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, cfg.full, cfg.remat,
-                                              cfg.loss, h["beta"])
+    if cfg.devices == 1:
+        loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, cfg.full,
+                                                  cfg.remat, cfg.loss, h["beta"])
+    else:
+        loss, grads = shard_value_and_grad(params, graphdef, cfg, x, y, h)
     # torch rounds three times: the gradient, `grad * lr`, then `param - that`. The barriers
     # keep XLA from folding lr into the gradient's matrix product (a GEMM's alpha) or the
     # product and the difference into one FMA, as a GPU backend may; a CPU does neither.
@@ -177,6 +202,16 @@ def _scan_chunk(graphdef, length: int, cfg: EpochConfig, unroll: int, carry, x, 
                         unroll=unroll)
 
 
+def _sharded_scan_chunk(graphdef, length: int, cfg: EpochConfig, unroll: int, mesh, carry,
+                        x, y, h, orders, n_active, start):
+    """_scan_chunk on every device of `mesh` at once (jaxhet.parallel): everything in and
+    out replicated, each update's psum keeping it so."""
+    chunk = functools.partial(_scan_chunk, graphdef, length, cfg, unroll)
+    spec = jax.sharding.PartitionSpec()
+    return jax.shard_map(chunk, mesh=mesh, in_specs=spec, out_specs=spec,
+                         check_vma=False)(carry, x, y, h, orders, n_active, start)
+
+
 def _step(graphdef, cfg: EpochConfig, carry, x, y, h, active, index, order):
     """One epoch; also returns the next epoch's index, so that the host feeds the device
     its own counter back instead of sending a scalar every epoch."""
@@ -190,6 +225,8 @@ def _predict(graphdef, loss: str, full: bool, params, x, y, beta):
 
 
 _scan_jit = jax.jit(_scan_chunk, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+_sharded_scan_jit = jax.jit(_sharded_scan_chunk, static_argnums=(0, 1, 2, 3, 4),
+                            donate_argnums=(5,))
 _step_jit = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(2,))
 predict_jit = jax.jit(_predict, static_argnums=(0, 1, 2))
 
@@ -216,22 +253,30 @@ def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y,
     are the chunk's losses and, after each epoch, the carry's `failed`. Nothing is read
     back to the host."""
     sig = signature((carry, x, y, h))
-    i32 = np.int32  # a strongly typed scalar: the compiled programs take int32
     batched = cfg.batches > 1
     if loop == "scan":
+        # a strongly typed scalar: the compiled programs take int32; a data-parallel one
+        # takes its host inputs replicated on the mesh (`device` is then its sharding)
+        i32 = np.int32 if cfg.devices == 1 else (
+            lambda v: jax.device_put(np.asarray(v, np.int32), device))
         unroll = max(1, min(unroll, length))
         key = ("scan", graphdef, length, cfg, unroll, sig, device)
-        example = np.zeros((length, cfg.n_points), np.int32) if batched else None
-        chunk = compile_once(_scan_jit, key, graphdef, length, cfg, unroll, carry, x, y, h,
-                             example, i32(length), i32(0))
+        example = i32(np.zeros((length, cfg.n_points), np.int32)) if batched else None
+        if cfg.devices == 1:
+            chunk = compile_once(_scan_jit, key, graphdef, length, cfg, unroll, carry, x, y,
+                                 h, example, i32(length), i32(0))
+        else:
+            chunk = compile_once(_sharded_scan_jit, key, graphdef, length, cfg, unroll,
+                                 device.mesh, carry, x, y, h, example, i32(length), i32(0))
 
         def runner(carry, n, start, orders=None):
             if batched:  # the masked tail's epochs take the chunk's last order again
-                orders = np.concatenate([orders, np.repeat(orders[-1:], length - n, 0)])
+                orders = i32(np.concatenate([orders, np.repeat(orders[-1:], length - n, 0)]))
             carry, (losses, failed) = chunk(carry, x, y, h, orders, i32(n), i32(start))
             return carry, losses, failed
 
         return runner, chunk
+    i32 = np.int32
     on = jax.device_put(jnp.asarray(True), device)
     key = ("step", graphdef, cfg, sig, device)
     example = np.zeros(cfg.n_points, np.int32) if batched else None
@@ -310,13 +355,17 @@ class JaxEngine:
         dtype = settings.dtype
         dev = resolve_device(settings.device)
         self.device = describe(dev)
+        if settings.devices > 1:  # every array replicated on the mesh (jaxhet.parallel)
+            mesh = parallel.mesh(settings.device, settings.devices)
+            dev, self.device = parallel.replicated(mesh), parallel.describe_mesh(mesh)
         t0 = time.perf_counter()
         self.graphdef, params = put(weights, dtype, dev, PRECISIONS[options.matmul_precision],
                                     settings.width, settings.depth)
         self.cfg = epoch_config(settings, x.shape[0])
         self.h = jax.device_put({**optim.hyper(settings, dtype),
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
-        opt_state = optim.transform(self.cfg.opt, self.h).init(params)
+        # (placed: eager init makes its step counts on the default device, not the mesh)
+        opt_state = jax.device_put(optim.transform(self.cfg.opt, self.h).init(params), dev)
         if optimizer is not None:
             opt_state = restore_opt_state(opt_state, optimizer, dev)
         self.carry = new_carry(params, opt_state, dev)

@@ -112,3 +112,14 @@ def training_loss(loss: str, mu: jax.Array, var: jax.Array, target: jax.Array,
     if loss == "beta-nll":
         return jnp.mean(jax.lax.stop_gradient(var) ** beta * point_nll(mu, var, target, full))
     return jnp.mean((target - mu) ** 2)
+
+
+def point_loss(loss: str, mu: jax.Array, var: jax.Array, target: jax.Array,
+               full: bool = False, beta=None) -> jax.Array:
+    """Each point's term of training_loss, whose mean that loss is: what a data-parallel
+    run sums over its share of a batch (jaxhet.parallel)."""
+    if loss == "nll":
+        return point_nll(mu, var, target, full)
+    if loss == "beta-nll":
+        return jax.lax.stop_gradient(var) ** beta * point_nll(mu, var, target, full)
+    return (target - mu) ** 2

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hetcore.backend import EngineOptions
+from hetcore.errors import UsageError
 from hetcore.interchange import init_bound
 from hetcore.settings import OPTION_DEFAULTS, Settings
 from torchhet.device import describe, memory_bytes, platform, resolve_device  # noqa: F401
@@ -75,6 +76,28 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
 def versions() -> dict:
     return {"python": _platform.python_version(), "numpy": np.__version__,
             "torch": torch.__version__}
+
+
+def join(settings: Settings, cluster: dict) -> tuple[int, int]:
+    """torch.distributed from its environment variables, when they are set
+    (torchhet.parallel.initialize)."""
+    from torchhet import parallel
+
+    given = [k for k, v in cluster.items() if v is not None]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')}: jax's way of joining processes; "
+                         "torch joins those torchrun starts (or --devices N starts)")
+    env = parallel.environment()
+    if env is None:
+        return 0, 1
+    parallel.initialize(parallel.local_device(resolve_device(settings.device)))
+    return env["RANK"], env["WORLD_SIZE"]
+
+
+def leave() -> None:
+    from torchhet import parallel
+
+    parallel.leave()
 
 
 def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,

@@ -44,9 +44,9 @@ from hetcore.errors import UsageError
 from hetcore.schedule import batch_sizes, chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
-from torchhet import handgrad, optim
+from torchhet import handgrad, optim, parallel
 from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
-from torchhet.model import training_loss
+from torchhet.model import point_loss, training_loss
 from torchhet.weights import DTYPES, put, to_state_dict
 
 LOOPS = ALL_LOOPS["torch"]  # named once, in hetcore.settings
@@ -84,36 +84,39 @@ def unsupported(loop: str, settings: Settings, n_points: int) -> str | None:
 def default_loop(device_type: str, settings: Settings, n_points: int) -> str:
     """The loop that finishes a run soonest, warm-up included, among those that run the
     settings (the same at every run length on the devices measured)."""
-    order = (("cudagraph",) if device_type == "cuda" else
+    order = (() if settings.devices > 1 else ("cudagraph",) if device_type == "cuda" else
              () if settings.remat else ("no-autograd",)) + ("eager", "optim")
     return next(loop for loop in order if unsupported(loop, settings, n_points) is None)
 
 
+def forward(model, x, remat: bool = False):
+    """mu and var on x; `remat` checkpoints the trunk by segments."""
+    if not remat:
+        return model(x)
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.layers)  # Linear, ReLU, Linear, ReLU, ...
+    h = x
+    for start, stop in remat_segments(len(blocks) // 2):
+        segment = torch.nn.Sequential(*blocks[2 * start:2 * stop])
+        # No RNG in the model, and RNG state cannot be read inside a CUDA graph capture.
+        h = checkpoint(segment, h, use_reentrant=False, preserve_rng_state=False)
+    return model.heads(h)
+
+
 def forward_loss(model, x, y, full: bool, remat: bool = False, loss: str = "nll",
                  beta: float | None = None) -> torch.Tensor:
-    """The forward pass and training loss on a batch; `remat` checkpoints the trunk by
-    segments."""
-    if remat:
-        from torch.utils.checkpoint import checkpoint
-
-        blocks = list(model.layers)  # Linear, ReLU, Linear, ReLU, ...
-        h = x
-        for start, stop in remat_segments(len(blocks) // 2):
-            segment = torch.nn.Sequential(*blocks[2 * start:2 * stop])
-            # No RNG in the model, and RNG state cannot be read inside a CUDA graph capture.
-            h = checkpoint(segment, h, use_reentrant=False, preserve_rng_state=False)
-        mu, var = model.heads(h)
-    else:
-        mu, var = model(x)
+    """The forward pass and training loss on a batch."""
+    mu, var = forward(model, x, remat)
     return training_loss(loss, mu, var, y, full, beta)
 
 
 def manual_step(model, x, y, lr: float, full: bool, remat: bool = False, loss: str = "nll",
-                beta: float | None = None) -> torch.Tensor:
+                beta: float | None = None, forward=forward_loss) -> torch.Tensor:
     """The lecture's update: forward, backward, `param.data -= param.grad * lr` (a
     parameter without a gradient, an MSE run's variance head, is left as it is)."""
     model.zero_grad()
-    value = forward_loss(model, x, y, full, remat, loss, beta)
+    value = forward(model, x, y, full, remat, loss, beta)
     value.backward()
     for param in model.parameters():
         if param.grad is not None:
@@ -181,11 +184,17 @@ class Runner:
     warmup_s: float = 0.0
 
 
-def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None = None
-                ) -> Runner:
+def _same(value):
+    return value
+
+
+def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None = None,
+                loss_of=forward_loss, report=_same) -> Runner:
     """The Runner of `loop` for these settings on the full data x, y; warm-up (compiling,
     capturing) leaves the weights and the optimiser as they were, so that the first epoch
-    it runs is the run's epoch 0."""
+    it runs is the run's epoch 0. The eager and optim loops take a batch's loss from
+    `loss_of` (forward_loss's arguments) and report `report` of it: a data-parallel run's
+    share and the batch's total (torchhet.parallel)."""
     n_points = x.shape[0] if n_points is None else n_points
     if loop not in LOOPS:
         raise UsageError(f"--loop {loop}: not available in torchhet; it has {', '.join(LOOPS)}")
@@ -207,18 +216,19 @@ def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None
 
     if loop == "eager":
         def step(xb, yb, t):
-            return manual_step(model, xb, yb, schedule(t), full, remat, loss, beta)
+            return report(manual_step(model, xb, yb, schedule(t), full, remat, loss, beta,
+                                      loss_of))
 
     elif loop == "optim":
         opt = optim.make(settings, params, device)
 
         def step(xb, yb, t):
             opt.zero_grad(set_to_none=True)
-            value = forward_loss(model, xb, yb, full, remat, loss, beta)
+            value = loss_of(model, xb, yb, full, remat, loss, beta)
             value.backward()
             schedule.set(opt, t)
             opt.step()
-            return value.detach()
+            return report(value.detach())
 
     elif loop in ("compile", "reduce-overhead"):
         mode = "reduce-overhead" if loop == "reduce-overhead" else None
@@ -334,6 +344,10 @@ class TorchEngine:
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
         refuse_unroll(options)
         dev = resolve_device(settings.device)
+        parallel_run = settings.devices > 1
+        if parallel_run:  # one process of several (torchhet.parallel)
+            dev = parallel.local_device(dev)
+            parallel.initialize(dev)
         n = x.shape[0]
         self.device, self._dev = describe(dev), dev
         self.precision, self.settings = options.matmul_precision, settings
@@ -344,8 +358,16 @@ class TorchEngine:
         self.params = list(self.model.parameters())
         self.x, self.y = to_device(x, dev), to_device(y, dev)
         self.held = None if held_out is None else tuple(to_device(a, dev) for a in held_out)
+        shared = {}
+        if parallel_run:
+            frozen = list(self.model.var_head.parameters()) if settings.loss == "mse" else []
+            shared = dict(zip(("loss_of", "report"), parallel.data_parallel(
+                self.model, dev, frozen, forward, point_loss)))
+            self.device = (f"{self.device}, process {torch.distributed.get_rank()} of "
+                           f"{torch.distributed.get_world_size()}")
         with matmul_precision(self.precision):
-            self.runner = make_runner(self.loop, self.model, self.x, self.y, settings, n)
+            self.runner = make_runner(self.loop, self.model, self.x, self.y, settings, n,
+                                      **shared)
         self.compile_s = self.runner.warmup_s
         if optimizer:
             if self.runner.opt is None:

@@ -70,3 +70,14 @@ def training_loss(loss: str, mu: torch.Tensor, var: torch.Tensor, target: torch.
     if loss == "beta-nll":
         return (var.detach() ** beta * point_nll(mu, var, target, full)).mean()
     return ((target - mu) ** 2).mean()
+
+
+def point_loss(loss: str, mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor,
+               full: bool = False, beta: float | None = None) -> torch.Tensor:
+    """Each point's term of training_loss, whose mean that loss is: what a data-parallel
+    run sums over its share of a batch (torchhet.parallel)."""
+    if loss == "nll":
+        return point_nll(mu, var, target, full)
+    if loss == "beta-nll":
+        return var.detach() ** beta * point_nll(mu, var, target, full)
+    return (target - mu) ** 2

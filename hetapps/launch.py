@@ -1,0 +1,166 @@
+"""Starting the processes of a torch data-parallel run (`--framework torch --devices N`
+without torchrun), and the rules every process of a run over several keeps.
+
+The train command checks everything first (options, data, --out), then starts N copies of
+itself as workers, ranks 0 .. N-1, which meet through torch.distributed's environment
+variables as torchrun's workers do; rank 0 writes the run, the others only train. The
+command waits for them all. When one fails, the others are stopped at once (a worker
+blocked in a collective would otherwise wait for its lost peer), and the run ends with
+exit status 1 and one line: the first failure's own (a worker leaves its line in a file
+of the launcher's instead of on stderr, so that the peers that then lose contact add
+nothing), or, for a worker that died without a word (killed, crashed), a line naming it
+and how it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from hetcore.errors import UsageError
+
+FAILURES = "HETAPPS_FAILURES"  # a launched worker's environment: where its failure goes
+POLL_S = 0.05
+STOPPED = 128 + signal.SIGTERM  # the exit status of a worker stop() ended
+GRACE_S = 5.0  # how long a stopped worker has to clean up (its staging directory) first
+
+
+def worker_rank() -> int | None:
+    """This process's rank when it is one of several torch processes (torchrun's or ours)."""
+    return int(os.environ["RANK"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ \
+        else None
+
+
+def torchrun_world(settings, given: dict):
+    """The settings of a process started by torchrun (or by spawn): --devices is the world
+    size, and a --devices given must say the same."""
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None or settings.framework != "torch":
+        return settings
+    try:
+        world = int(raw)
+    except ValueError:
+        raise UsageError(f"torchrun environment: WORLD_SIZE={raw!r} is not an integer") from None
+    if "devices" in given and given["devices"] != world:
+        raise UsageError(f"--devices {given['devices']}: torchrun started WORLD_SIZE={world} "
+                         "processes; drop --devices or make them agree")
+    return settings if world == settings.devices else settings.replace(devices=world)
+
+
+def _port() -> int:
+    """MASTER_PORT when set and free here, else a free port; a port in use is refused."""
+    raw = os.environ.get("MASTER_PORT")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", int(raw) if raw else 0))
+        except ValueError:
+            raise UsageError(f"MASTER_PORT={raw!r}: not a port number") from None
+        except OSError as e:
+            raise UsageError(f"MASTER_PORT={raw}: cannot listen on it here ({e.strerror}); "
+                             "unset it to take a free port") from None
+        return s.getsockname()[1]
+
+
+def spawn(argv: list[str], count: int) -> int:
+    """Run `python -m hetapps.train argv` as `count` workers over localhost; returns the
+    exit status (the run's one failure line printed here)."""
+    port = _port()
+    records = tempfile.mkdtemp(prefix="hetapps-workers-")
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(count):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       **{FAILURES: records})
+            quiet = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports
+            procs.append(subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
+                                          env=env, stdout=quiet, stderr=quiet))
+        return _wait(procs, records)
+    finally:
+        _stop(procs)
+        shutil.rmtree(records, ignore_errors=True)
+
+
+def _wait(procs: list[subprocess.Popen], records: str) -> int:
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c == 0 for c in codes):
+            return 0
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            break
+        time.sleep(POLL_S)
+    # A dead worker's peers fail soon after it; give them a moment so that the line
+    # reported is the first failure's, then stop the rest.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(POLL_S)
+    _stop(procs)
+    code, line = _first_failure(procs, records, failed[0])
+    print(line, file=sys.stderr)
+    return code
+
+
+def _first_failure(procs, records: str, first_seen: int) -> tuple[int, str]:
+    """(exit status, line) of the failure that came first: a worker that ended without
+    leaving a line (a signal, a crash) is it; else the earliest line left."""
+    count = len(procs)
+    left = {}
+    for rank in range(count):
+        try:
+            with open(os.path.join(records, f"{rank}.json"), encoding="utf-8") as f:
+                left[rank] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    for rank in [first_seen] + list(range(count)):
+        code = procs[rank].returncode
+        if code not in (None, 0, STOPPED, -signal.SIGTERM) and rank not in left:
+            how = (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0
+                   else f"exited with status {code} without a word")
+            return 1, f"error: torch process {rank} of {count} {how}; the run was stopped"
+    if not left:
+        return 1, f"error: torch process {first_seen} of {count} failed; the run was stopped"
+    rank = min(left, key=lambda r: left[r]["time"])
+    return (2 if left[rank]["code"] == 2 else 1), left[rank]["line"]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every worker still running (a worker turns it into an exit that cleans up),
+    SIGKILL after GRACE_S; none is left behind."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def reporter():
+    """How a worker started by spawn reports its failure: one line into the launcher's file
+    (time-stamped, so that the launcher reports the first); None outside such a worker.
+    Installs the SIGTERM handler that lets a stopped worker clean up on its way out."""
+    records = os.environ.get(FAILURES)
+    if records is None:
+        return None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED))
+
+    def report(code: int, line: str) -> None:
+        rank = os.environ.get("RANK", "0")
+        part = os.path.join(records, f".{rank}.json")
+        with open(part, "w", encoding="utf-8") as f:
+            json.dump({"code": code, "line": line, "time": time.time()}, f)
+        os.replace(part, os.path.join(records, f"{rank}.json"))
+
+    return report
