@@ -82,11 +82,24 @@ def spawn(argv: list[str], count: int) -> int:
                        **{FAILURES: records})
             quiet = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports
             procs.append(subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
-                                          env=env, stdout=quiet, stderr=quiet))
+                                          env=env, stdout=quiet, stderr=quiet,
+                                          preexec_fn=_end_with_parent))
         return _wait(procs, records)
     finally:
         _stop(procs)
         shutil.rmtree(records, ignore_errors=True)
+
+
+def _end_with_parent() -> None:
+    """In a worker, before it starts: SIGTERM it if the launcher dies, even by SIGKILL,
+    which runs none of the launcher's own clean-up (Linux's PR_SET_PDEATHSIG; elsewhere a
+    worker whose launcher is killed outright finishes on its own)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait(procs: list[subprocess.Popen], records: str) -> int:

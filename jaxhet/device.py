@@ -24,13 +24,15 @@ def available() -> list[str]:
 
 
 def resolve_device(name: str = "auto") -> jax.Device:
-    """The first device of the requested platform; `auto` takes JAX's default backend."""
+    """This process's first device of the requested platform; `auto` takes JAX's default
+    backend (in a run over several processes, jaxhet.parallel, the devices of the others
+    are not this process's to use)."""
     if name == "auto":
-        return jax.devices()[0]
+        return jax.local_devices()[0]
     if name not in _PLATFORMS:
         raise UsageError(f"--device {name}: unknown device; choose auto, cpu, gpu or tpu")
     try:
-        devices = jax.devices(name)
+        devices = jax.local_devices(backend=name)
     except RuntimeError:
         devices = []
     if not devices:

@@ -76,7 +76,9 @@ def replicated(m: Mesh) -> NamedSharding:
 
 def describe_mesh(m: Mesh) -> str:
     d = m.devices.ravel()
-    return f"{describe(d[0])} and {len(d) - 1} more ({len(d)} devices)"
+    procs = jax.process_count()
+    over = f", {procs} processes" if procs > 1 else ""
+    return f"{describe(d[0])} and {len(d) - 1} more ({len(d)} devices{over})"
 
 
 def process_index() -> int:
