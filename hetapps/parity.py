@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetapps import options, registry
-from hetcore import criteria, data, driver, figures, interchange, outputs
+from hetcore import criteria, data, driver, figures, interchange, metrics, outputs
 from hetcore.errors import UsageError
 from hetcore.settings import BACKENDS, Settings
 
@@ -76,8 +76,9 @@ class Inputs:
     held_source: str | None = None
 
 
-def _file_weights(path: str, width: int, depth: int) -> tuple[dict, str]:
-    """An interchange file of either dtype, checked against the architecture."""
+def _file_weights(path: str, width: int, depth: int, ensemble: int = 1) -> tuple[dict, str]:
+    """An interchange file of either dtype, checked against the architecture (an
+    ensemble's: stacked, a leading member axis of `ensemble`)."""
     state = interchange.read(path)
     dtypes = sorted({str(a.dtype) for a in state.values()})
     label = f"--init-from {path}"
@@ -86,7 +87,11 @@ def _file_weights(path: str, width: int, depth: int) -> tuple[dict, str]:
             raise UsageError(f"{label}: tensor '{name}' is {a.dtype}, expected float32 or float64")
     if len(dtypes) > 1:
         raise UsageError(f"{label}: tensors mix dtypes {', '.join(dtypes)}")
-    interchange.check(state, width, depth, dtypes[0] if dtypes else "float32", label=label)
+    dtype = dtypes[0] if dtypes else "float32"
+    if ensemble > 1:
+        interchange.check_stacked(state, ensemble, width, depth, dtype, label=label)
+    else:
+        interchange.check(state, width, depth, dtype, label=label)
     return state, os.path.abspath(path)
 
 
@@ -101,16 +106,12 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
     if args.grid_points < 2:
         raise UsageError(f"--grid-points: must be at least 2, got {args.grid_points}")
     base = options.settings(args, framework="both", dtype=dtypes[0])
-    if base.ensemble > 1:
-        raise UsageError("--ensemble: the parity command checks one model; an ensemble's "
-                         "members are each a single run (train.py --framework both compares "
-                         "two ensembles)")
     modules = modules or {n: registry.backend(n) for n in BACKENDS}
     for m in modules.values():
         m.resolve_device(base.device)  # unavailable device: usage error, before any work
     dataset = data.for_settings(base)  # checks finiteness in dtypes[0], the narrower one
     if base.init_from is not None and len(dtypes) > 1:
-        w0, source = _file_weights(base.init_from, base.width, base.depth)
+        w0, source = _file_weights(base.init_from, base.width, base.depth, base.ensemble)
     else:
         w0, source = driver.initial_weights(base, modules[args.init])
     x0, y0 = dataset.columns(dtypes[0])
@@ -165,11 +166,29 @@ def _roundtrip_check(weights: dict, dtype: str) -> criteria.Check:
 def _grid_predictions(module, result, grid, device, mse: bool
                       ) -> tuple[np.ndarray, np.ndarray]:
     """mu and sigma of a run's final weights on the grid (an MSE run's sigma: its one
-    value, the training residuals' RMS, driver.train's)."""
-    mu, var, _ = module.predict(result.weights, grid, device)
-    if mse:
-        var = np.full_like(var, result.var[0])
-    return np.asarray(mu, np.float64)[:, 0], np.sqrt(np.asarray(var, np.float64)[:, 0])
+    value, the training residuals' RMS, driver.train's); an ensemble's: its members'
+    mixture (hetcore.metrics.mixture), each member's MSE sigma its own."""
+    if result.members is None:
+        mu, var, _ = module.predict(result.weights, grid, device)
+        if mse:
+            var = np.full_like(var, result.var[0])
+        return np.asarray(mu, np.float64)[:, 0], np.sqrt(np.asarray(var, np.float64)[:, 0])
+    mus, vars_ = [], []
+    for k, w in enumerate(interchange.unstack(result.weights)):
+        mu, var, _ = module.predict(w, grid, device)
+        mus.append(np.asarray(mu, np.float64)[:, 0])
+        vars_.append(np.full(grid.shape[0], float(result.members.var[k][0])) if mse
+                     else np.asarray(var, np.float64)[:, 0])
+    mix_mu, mix_var = metrics.mixture(np.stack(mus), np.stack(vars_))
+    return mix_mu, np.sqrt(mix_var)
+
+
+def _members(w: dict, ensemble: int) -> list[tuple[str, dict]]:
+    """(label prefix, state dict) of each model the single-step checks take: the one
+    model, or each member of an ensemble."""
+    if ensemble == 1:
+        return [("", w)]
+    return [(f"member {k}: ", m) for k, m in enumerate(interchange.unstack(w))]
 
 
 def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
@@ -189,16 +208,19 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
     checks = [_roundtrip_check(w, dtype)]
     t0 = time.perf_counter()
 
-    # Single-step quantities.
+    # Single-step quantities (an ensemble's: each member's).
     _log(quiet, f"[{dtype}] forward, loss, gradients, one SGD step")
-    fwd = {n: m.predict(w, x, dev, s.full, y, s.loss, s.beta) for n, m in mods.items()}
-    checks.append(criteria.check_close("mu", fwd["jax"][0], fwd["torch"][0], one, dtype))
-    checks.append(criteria.check_close("var", fwd["jax"][1], fwd["torch"][1], one, dtype))
-    checks.append(criteria.check_close("loss", fwd["jax"][2], fwd["torch"][2], one, dtype))
-    lg = {n: m.loss_and_grad(w, x, y, dev, s.full, s.loss, s.beta) for n, m in mods.items()}
-    checks.append(criteria.check_close("loss (from loss_and_grad)", lg["jax"][0], lg["torch"][0],
-                                     one, dtype))
-    checks += criteria.check_states("grad", lg["jax"][1], lg["torch"][1], one, dtype)
+    for label, wk in _members(w, s.ensemble):
+        fwd = {n: m.predict(wk, x, dev, s.full, y, s.loss, s.beta) for n, m in mods.items()}
+        for i, q in enumerate(("mu", "var", "loss")):
+            checks.append(criteria.check_close(label + q, fwd["jax"][i], fwd["torch"][i], one,
+                                               dtype))
+        lg = {n: m.loss_and_grad(wk, x, y, dev, s.full, s.loss, s.beta)
+              for n, m in mods.items()}
+        checks.append(criteria.check_close(label + "loss (from loss_and_grad)", lg["jax"][0],
+                                           lg["torch"][0], one, dtype))
+        checks += criteria.check_states(label + "grad", lg["jax"][1], lg["torch"][1], one,
+                                        dtype)
     # One epoch of the run's optimiser and batches at its peak learning rate: its warm-up
     # would make the first update a no-op, and its cosine needs the whole run's length.
     first_epoch = s.replace(epochs=1, schedule="constant", warmup_steps=0, lr_end=None)
@@ -220,6 +242,13 @@ def verify_dtype(inp: Inputs, dtype: str, floor_runs: int, quiet: bool = True,
         "loss per epoch", runs["jax"].loss_history, runs["torch"].loss_history, floor_gaps,
         dtype, fixed=fixed)
     checks += criteria.phase_checks(loss_check, curves)
+    for k in range(s.ensemble if s.ensemble > 1 else 0):  # each member's own losses
+        member = lambda r: r.member_losses[:, k]  # noqa: E731
+        check, _ = criteria.floor_check(
+            f"member {k}: loss per epoch", member(runs["jax"]), member(runs["torch"]),
+            [criteria.gap(member(runs[n]), member(t)) for n in mods for t in twins[n]],
+            dtype, fixed=fixed)
+        checks.append(check)
     for name in runs["jax"].weights:
         pairs = [(runs[n].weights[name], t.weights[name]) for n in mods for t in twins[n]]
         checks.append(criteria.final_floor_check(

@@ -273,9 +273,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 b, settings, x, y, weights, progress=writer and not args.no_progress,
                 resume=ckpts.get(n),
                 checkpoint_path=(os.path.join(out, checkpoint.filename(n))
-                                 if settings.checkpoint_every and writer else None),
+                                 if settings.checkpoint_every else None),
                 checkpoint_extra={"init_source": weights_source},
-                held_out=None if held_out is None else held_out[1:])
+                held_out=None if held_out is None else held_out[1:], writer=writer)
     except (UsageError, TrainingDiverged):
         raise
     except Exception as e:  # noqa: BLE001 - one of several processes: one line, exit 1

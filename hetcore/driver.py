@@ -103,7 +103,8 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
           resume: checkpoint.Checkpoint | None = None, checkpoint_path: str | None = None,
           checkpoint_extra: dict | None = None,
           options: EngineOptions = EngineOptions(),
-          held_out: tuple[np.ndarray, np.ndarray] | None = None) -> RunResult:
+          held_out: tuple[np.ndarray, np.ndarray] | None = None,
+          writer: bool = True) -> RunResult:
     """Train from `initial_weights` (a state dict) on x, y (N, 1) as `settings` say.
 
     Args:
@@ -123,6 +124,9 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
       held_out: (x, y) (M, 1) held-out data of settings.dtype: the training loss function
         is taken there at each chunk's end, and the final model predicts there. They never
         change the training.
+      writer: whether this process writes the checkpoints; in a run over several
+        processes every one takes the engine's state at a checkpoint (an engine may gather
+        it from the others), and process 0 alone writes it.
 
     Returns:
       RunResult. Raises TrainingDiverged at the first epoch whose loss is not finite or
@@ -187,6 +191,7 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
                 if failed is None:  # a diverged chunk never replaces the last good one
                     weights, optimizer = engine.state()
                     end = span.start + span.count
+                if failed is None and writer:
                     checkpoint.save(checkpoint_path, checkpoint.Checkpoint(
                         framework=backend.NAME, epoch=end, weights=weights,
                         optimizer=optimizer, loss_history=history[:end].astype(settings.dtype),

@@ -92,7 +92,10 @@ class Settings:
       devices: data-parallel training over this many devices (JAX: a one-axis mesh, each
         batch's points split over it; torch: as many processes, DistributedDataParallel),
         with the one-device run's result up to the order of the sums: each batch's loss
-        and gradient are the mean over all its points, however unevenly they split.
+        and gradient are the mean over all its points, however unevenly they split. An
+        ensemble's members are spread over the devices instead (ensemble / devices on
+        each, every member's data whole), which is what lets more members train than one
+        device holds.
       batch_size, shuffle_seed: epoch e visits the points in the order
         np.random.default_rng([shuffle_seed, e]).permutation(N), in batches of batch_size
         (the last one shorter), one update each; batch_size >= N is the full batch, with
@@ -356,9 +359,10 @@ def _check_devices(s: Settings) -> None:
     if s.framework == "both":
         raise UsageError(f"--devices {s.devices}: torch runs one process a device, jax one "
                          "process for all; train each --framework on its own")
-    if s.ensemble > 1:
-        raise UsageError(f"--devices {s.devices}: an ensemble trains on one device; drop "
-                         "--ensemble or --devices")
+    if s.ensemble > 1 and s.ensemble % s.devices:
+        raise UsageError(f"--devices {s.devices}: an ensemble's members are spread over the "
+                         f"devices, the same number on each; --ensemble {s.ensemble} is not a "
+                         f"multiple of {s.devices}")
     if s.loop != "auto" and s.loop not in DEVICE_LOOPS[s.framework]:
         raise UsageError(f"--loop {s.loop}: trains on one device; with --devices, "
                          f"{s.framework} runs auto, {', '.join(DEVICE_LOOPS[s.framework])}")

@@ -11,17 +11,20 @@ one model does, and XLA batches their products (K small products become batched 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hetcore import interchange
 from hetcore.backend import Chunk, EngineOptions, Final, Prediction
+from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length
 from hetcore.settings import Settings
-from jaxhet import optim
+from jaxhet import optim, parallel
 from jaxhet.device import describe, resolve_device
 from jaxhet.engine import (_predict, compile_once, epoch, epoch_config, opt_leaves,
                            predict_on, predict_programs, restore_opt_state, signature)
@@ -74,18 +77,31 @@ class JaxEnsembleEngine:
         k, dtype = settings.ensemble, settings.dtype
         dev = resolve_device(settings.device)
         self.device, self.members = describe(dev), k
+        # Where the members' weights and optimiser states live, and where the data: with
+        # --devices N, the members' axis is split over a mesh (K / N members a device, no
+        # communication: the members never meet), the data replicated.
+        at = dev
+        if settings.devices > 1:
+            mesh = parallel.mesh(settings.device, settings.devices, parallel.MEMBERS)
+            if jax.process_count() > 1:
+                raise UsageError("--ensemble with --devices: the members are spread over one "
+                                 "process's devices; run an ensemble in one process")
+            at = NamedSharding(mesh, PartitionSpec(parallel.MEMBERS))
+            dev, self.device = parallel.replicated(mesh), parallel.describe_mesh(mesh)
         t0 = time.perf_counter()
         puts = [put(w, dtype, dev, PRECISIONS[options.matmul_precision], settings.width,
                     settings.depth) for w in interchange.unstack(weights)]
         self.graphdef = puts[0][0]
-        params = stack_trees([p for _, p in puts])
-        self.cfg = epoch_config(settings, x.shape[0])
+        params = jax.device_put(stack_trees([p for _, p in puts]), at)
+        # every member's batches whole on its device: the points are not split
+        self.cfg = dataclasses.replace(epoch_config(settings, x.shape[0]), devices=1)
         self.h = jax.device_put({**optim.hyper(settings, dtype),
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
-        opt_state = jax.vmap(optim.transform(self.cfg.opt, self.h).init)(params)
+        opt_state = jax.device_put(jax.vmap(optim.transform(self.cfg.opt, self.h).init)(params),
+                                   at)
         if optimizer is not None:  # a checkpoint's: every member's, stacked
-            opt_state = restore_opt_state(opt_state, optimizer, dev)
-        failed = jax.device_put(jnp.full((k,), -1, jnp.int32), dev)
+            opt_state = restore_opt_state(opt_state, optimizer, at)
+        failed = jax.device_put(jnp.full((k,), -1, jnp.int32), at)
         self.carry = (params, opt_state, failed)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
         self.length = chunk_length(settings.epochs, settings.chunk_epochs,
@@ -93,7 +109,11 @@ class JaxEnsembleEngine:
         self.batched = self.cfg.batches > 1
         unroll = max(1, min(options.unroll, self.length))
         sig = signature((self.carry, self.x, self.y, self.h))
-        example = (np.zeros((self.length, k, x.shape[0]), np.int32) if self.batched else None)
+        # each epoch's orders, (length, K, N), with their members
+        self.orders_at = (None if settings.devices == 1 else
+                          NamedSharding(at.mesh, PartitionSpec(None, parallel.MEMBERS)))
+        example = (self._orders(np.zeros((self.length, k, x.shape[0]), np.int32))
+                   if self.batched else None)
         self.chunk = compile_once(_chunk_jit, ("members", self.graphdef, self.length, self.cfg,
                                                unroll, sig, dev),
                                   self.graphdef, self.length, self.cfg, unroll, self.carry,
@@ -103,9 +123,13 @@ class JaxEnsembleEngine:
                                          dev, self.x, self.y, held_out)
         self.compile_s = time.perf_counter() - t0
 
+    def _orders(self, orders: np.ndarray):
+        return orders if self.orders_at is None else jax.device_put(orders, self.orders_at)
+
     def launch(self, start: int, count: int, orders=None):
         if self.batched:  # the masked tail's epochs take the chunk's last orders again
-            orders = np.concatenate([orders, np.repeat(orders[-1:], self.length - count, 0)])
+            orders = self._orders(np.concatenate(
+                [orders, np.repeat(orders[-1:], self.length - count, 0)]))
         self.carry, (losses, failed) = self.chunk(self.carry, self.x, self.y, self.h, orders,
                                                   np.int32(count), np.int32(start))
         held = (None if "held" not in self.programs

@@ -1,6 +1,8 @@
 """Data-parallel JAX (--devices N): a one-axis `jax.sharding.Mesh` over N devices, the
 weights and the data replicated on it, each batch's points split over it, and runs over
-several processes (`jax.distributed`).
+several processes (`jax.distributed`). An ensemble's mesh splits its members instead
+(jaxhet.ensemble): each device trains ensemble / N whole members, and nothing is
+communicated.
 
 The training chunk is one `jax.shard_map` over the mesh (jaxhet.engine): every device
 runs the same scan over epochs and batches on replicated weights, takes its own share of
@@ -22,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hetcore.errors import UsageError
 from jaxhet.device import describe, resolve_device
 
-AXIS = "points"  # the mesh's one axis
+AXIS = "points"  # the mesh's one axis: a batch's points split over it
+MEMBERS = "members"  # an ensemble's mesh: its members split over it (jaxhet.ensemble)
 # How long a process waits for the others at start-up (jax's default is 5 minutes); a
 # worker that never comes ends the run with one line rather than a long hang.
 JOIN_TIMEOUT_S = 120
@@ -50,7 +53,7 @@ def initialize(coordinator: str | None, num_processes: int | None,
                          f"({first})") from None
 
 
-def mesh(name: str, count: int) -> Mesh:
+def mesh(name: str, count: int, axis: str = AXIS) -> Mesh:
     """A one-axis mesh over the first `count` devices of --device `name`'s platform (across
     every process); UsageError listing those present when there are fewer."""
     first = resolve_device(name)
@@ -65,7 +68,7 @@ def mesh(name: str, count: int) -> Mesh:
     if jax.process_count() > 1 and count != len(present):
         raise UsageError(f"--devices {count}: a run over {jax.process_count()} processes "
                          f"spans every device of each, {len(present)} in all")
-    return Mesh(np.array(present[:count]), (AXIS,))
+    return Mesh(np.array(present[:count]), (axis,))
 
 
 def replicated(m: Mesh) -> NamedSharding:

@@ -46,6 +46,8 @@ def run(framework, devices, epochs=30, resume=None, path=None, dtype="float64", 
 
 
 def gaps(a, b):
+    if a.member_losses is not None:  # an ensemble: every member's own losses
+        a.loss_history, b.loss_history = a.member_losses, b.member_losses
     return {"loss": float(np.abs(a.loss_history - b.loss_history).max()),
             "weights": max(float(np.abs(a.weights[k] - b.weights[k]).max()) for k in a.weights),
             "var": float(np.abs(a.var - b.var).max())}
@@ -56,6 +58,9 @@ def main():
     report = {}
     for name, extra in CASES.items():
         report[name] = gaps(run(framework, 1, **extra), run(framework, devices, **extra))
+    # An ensemble: its members spread over the devices, against the ensemble on one.
+    ensemble = dict(CASES["adam batches of 37"], ensemble=2 * devices)
+    report["ensemble"] = gaps(run(framework, 1, **ensemble), run(framework, devices, **ensemble))
     # float32: N devices against one within the one-ulp floor (the gap between one-device
     # runs whose initial weights differ by one ulp), as the frameworks are judged.
     extra = CASES["adam batches of 37"]
@@ -75,17 +80,17 @@ def main():
     report["float32"] = {"failures": [c.message() for c in checks if not c.ok],
                          "loss_gap": check.max_abs}
     # Resume on the mesh: 30 epochs with a checkpoint, continued to 60 (constant schedule:
-    # the same as 60 straight), against 60 straight.
-    extra = CASES["adam batches of 37"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ckpt.safetensors")
-        run(framework, devices, 30, path=path, **extra)
-        resumed = run(framework, devices, 60, resume=checkpoint.load(path), **extra)
-    straight = run(framework, devices, 60, **extra)
-    report["resume"] = {"bitwise": bool(
-        np.array_equal(resumed.loss_history, straight.loss_history)
-        and all(np.array_equal(resumed.weights[k], straight.weights[k])
-                for k in straight.weights)), "device": straight.device}
+    # the same as 60 straight), against 60 straight; one model and an ensemble.
+    for name, extra in (("resume", CASES["adam batches of 37"]), ("resume ensemble", ensemble)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ckpt.safetensors")
+            run(framework, devices, 30, path=path, **extra)
+            resumed = run(framework, devices, 60, resume=checkpoint.load(path), **extra)
+        straight = run(framework, devices, 60, **extra)
+        report[name] = {"bitwise": bool(
+            np.array_equal(resumed.loss_history, straight.loss_history)
+            and all(np.array_equal(resumed.weights[k], straight.weights[k])
+                    for k in straight.weights)), "device": straight.device}
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(report))
 

@@ -79,7 +79,7 @@ def test_shares_cover_every_batch_once():
     (dict(devices=True), "--devices: expected an integer"),
     (dict(devices=10**6), "--devices: at most 4096"),
     (dict(devices=2, framework="both"), "train each --framework on its own"),
-    (dict(devices=2, ensemble=3), "an ensemble trains on one device"),
+    (dict(devices=2, ensemble=3), "--ensemble 3 is not a multiple of 2"),
     (dict(devices=2, loop="step"), "--loop step: trains on one device"),
     (dict(devices=2, framework="torch", loop="no-autograd"), "--loop no-autograd"),
 ])
@@ -138,8 +138,9 @@ def test_torch_environment_refusals(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("framework,devices", [("jax", 4), ("torch", 2)])
 def test_data_parallel_equals_one_device(framework, devices):
-    """Four loss/optimiser/batch cases in float64, a float32 run against the one-ulp floor,
-    and a resumed data-parallel run against the uninterrupted one, bit for bit."""
+    """Four loss/optimiser/batch cases in float64, an ensemble spread over the devices, a
+    float32 run against the one-ulp floor, and resumed runs (one model, an ensemble)
+    against the uninterrupted ones, bit for bit."""
     if framework == "jax":
         done = command(HELPER, "jax", str(devices), extra=cpus(devices))
     else:
@@ -148,11 +149,11 @@ def test_data_parallel_equals_one_device(framework, devices):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     for case, gaps in report.items():
-        if case in ("resume", "float32"):
+        if case.startswith("resume") or case == "float32":
             continue
         assert max(gaps.values()) <= TOL, (case, gaps)
     assert report["float32"]["failures"] == []
-    assert report["resume"]["bitwise"]
+    assert report["resume"]["bitwise"] and report["resume ensemble"]["bitwise"]
     assert f"{devices}" in report["resume"]["device"]
 
 

@@ -105,7 +105,8 @@ def engine(settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
            held_out: tuple[np.ndarray, np.ndarray] | None = None) -> TorchEngine:
     """An engine for the run, warmed up (torchhet.engine; an ensemble's: torchhet.ensemble)."""
     if settings.ensemble > 1:
-        from torchhet.ensemble import TorchEnsembleEngine
+        from torchhet.ensemble import TorchEnsembleEngine, TorchEnsembleOverProcesses
 
-        return TorchEnsembleEngine(settings, x, y, weights, optimizer, options, held_out)
+        over = TorchEnsembleOverProcesses if settings.devices > 1 else TorchEnsembleEngine
+        return over(settings, x, y, weights, optimizer, options, held_out)
     return TorchEngine(settings, x, y, weights, optimizer, options, held_out)

@@ -191,3 +191,77 @@ class TorchEnsembleEngine:
         weights, _ = self.state()
         return Final(weights, mu[..., 0].cpu().numpy(), var[..., 0].cpu().numpy(),
                      loss.cpu().numpy(), held)
+
+
+class TorchEnsembleOverProcesses:
+    """hetcore.backend.Engine for an ensemble over processes (settings.ensemble = K,
+    settings.devices = P > 1): process r trains members r*K/P .. (r+1)*K/P - 1 with a
+    TorchEnsembleEngine of its own, from their own initial weights and in their own batch
+    orders; the members never meet, so training communicates nothing. The chunks' losses
+    and failures, the held-out loss, and at a checkpoint and the end the weights and
+    predictions are gathered from every process (torchhet.parallel.gather), so that every
+    process (process 0 writes) sees the whole ensemble."""
+
+    in_flight = 1
+    loop = "func"
+
+    def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
+                 optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
+                 held_out: tuple[np.ndarray, np.ndarray] | None = None):
+        from torchhet import parallel
+
+        dev = parallel.local_device(resolve_device(settings.device))
+        rank, world = parallel.initialize(dev), settings.devices
+        k = settings.ensemble
+        self.lo, self.hi = rank * k // world, (rank + 1) * k // world
+        local = settings.replace(ensemble=self.hi - self.lo, devices=1)
+        mine = interchange.stack(interchange.unstack(weights)[self.lo:self.hi])
+        if optimizer:  # per-parameter state stacked over the members; step counts shared
+            optimizer = {n: a[self.lo:self.hi] if np.ndim(a) else a
+                         for n, a in optimizer.items()}
+        self.local = TorchEnsembleEngine(local, x, y, mine, optimizer, options, held_out)
+        self.gather = parallel.gather
+        self.device = f"{self.local.device}, process {rank} of {world} (members " \
+                      f"{self.lo}..{self.hi - 1})"
+        self.compile_s, self.members = self.local.compile_s, k
+
+    def launch(self, start: int, count: int, orders=None):
+        return self.local.launch(start, count,
+                                 None if orders is None else orders[:, self.lo:self.hi])
+
+    def read(self, handle) -> Chunk:
+        c = self.local.read(handle)
+        failure = None if c.failed is None else (c.failed, c.batch, self.lo + c.member,
+                                                  c.update_failed)
+        parts = self.gather((c.losses, failure, c.held_out_loss, self.hi - self.lo))
+        losses = np.concatenate([p[0] for p in parts], axis=1)  # (count, K)
+        held = None
+        if parts[0][2] is not None:  # the members' mean: each process's mean, weighted
+            held = float(sum(p[2] * p[3] for p in parts) / self.members)
+        failures = [p[1] for p in parts if p[1] is not None]
+        if not failures:
+            return Chunk(losses, held_out_loss=held)
+        e, batch, member, update = min(failures)  # the earliest update, then member
+        return Chunk(losses, e, update, batch, held, member)
+
+    def state(self):
+        weights, opt = self.local.state()
+        parts = self.gather((weights, opt))
+        stacked = {n: np.concatenate([p[0][n] for p in parts]) for n in weights}
+        return stacked, {n: np.concatenate([p[1][n] for p in parts]) if np.ndim(a) else a
+                         for n, a in opt.items()}
+
+    def wait(self) -> None:
+        self.local.wait()
+
+    def finish(self) -> Final:
+        f = self.local.finish()
+        parts = self.gather(f)
+        cat = lambda get: np.concatenate([get(p) for p in parts])  # noqa: E731
+        held = None
+        if f.held_out is not None:
+            held = Prediction(cat(lambda p: p.held_out.mu), cat(lambda p: p.held_out.var),
+                              cat(lambda p: p.held_out.loss))
+        weights = {n: cat(lambda p, n=n: p.weights[n]) for n in f.weights}
+        return Final(weights, cat(lambda p: p.mu), cat(lambda p: p.var),
+                     cat(lambda p: p.loss), held)

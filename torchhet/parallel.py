@@ -142,7 +142,9 @@ def data_parallel(model, device: torch.device, frozen: list, forward, point_loss
     return forward_loss, report
 
 
-def barrier() -> None:
-    """Wait for every process (bounded by TIMEOUT_S)."""
-    if dist.is_initialized():
-        dist.barrier()
+def gather(obj) -> list:
+    """Every process's `obj`, in rank order (pickled; small things: a chunk's losses, an
+    ensemble's weights)."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
