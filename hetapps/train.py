@@ -13,7 +13,7 @@ from hetapps import launch, options, registry
 from hetcore import checkpoint, criteria, data, driver, figures, hostmem, interchange, outputs
 from hetcore.driver import RunResult
 from hetcore.errors import ProcessFailed, TrainingDiverged, UsageError
-from hetcore.metrics import calibration_curve, final_metrics, EXPECTED
+from hetcore.metrics import EXPECTED, calibration_curve, final_metrics, mixture
 from hetcore.settings import Settings, check_memory, check_predict_memory
 
 
@@ -87,12 +87,49 @@ def write_fit_files(stage_dir: str, title: str, dataset: data.Dataset, x, y, mu,
     return out
 
 
+BEYOND = 0.25  # an ensemble's extrapolation grid reaches this share of the data's span past each end
+GRID_POINTS = 601
+
+
+def extrapolation(backend, result: RunResult, settings: Settings, dataset: data.Dataset,
+                  x: np.ndarray) -> dict:
+    """An ensemble's predictions beyond its data: on a grid over the data's range widened
+    by BEYOND of its span at each end, the mixture's and member 0's (standing for one
+    model) mu and sigma, and, past the data's ends, their mean sigma and (synthetic data)
+    mean error and the share of the grid whose true mean lies within 2 sigma."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    pad = BEYOND * (hi - lo if hi > lo else 1.0)
+    grid = np.linspace(lo - pad, hi + pad, GRID_POINTS)
+    mus, variances = [], []
+    for k, w in enumerate(interchange.unstack(result.weights)):
+        mu, var, _ = backend.predict(w, grid.astype(settings.dtype)[:, None], settings.device)
+        mus.append(np.asarray(mu, np.float64)[:, 0])
+        variances.append(np.full(grid.size, float(result.members.var[k][0]))
+                         if settings.loss == "mse" else np.asarray(var, np.float64)[:, 0])
+    mix = mixture(np.stack(mus), np.stack(variances))
+    preds = {"mixture": (mix[0], np.sqrt(mix[1])), "member_0": (mus[0], np.sqrt(variances[0]))}
+    truth = dataset.true_mean_at(grid)
+    out = (grid < lo) | (grid > hi)
+    summary = {"x_range": [float(grid[0]), float(grid[-1])], "data_range": [lo, hi],
+               "points_beyond": int(out.sum())}
+    for name, (m, sd) in preds.items():
+        block = {"mean_sigma": float(np.mean(sd[out]))}
+        if truth is not None:
+            err = np.abs(m - truth)[out]
+            block |= {"mean_abs_error": float(np.mean(err)),
+                      "true_mean_within_2sigma": float(np.mean(err <= 2 * sd[out]))}
+        summary[name] = block
+    return {"grid": grid, "predictions": preds, "true_mean": truth, "summary": summary}
+
+
 def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.ndarray,
-              y: np.ndarray, config: dict, held_out: tuple | None = None) -> dict:
+              y: np.ndarray, config: dict, held_out: tuple | None = None,
+              beyond: dict | None = None) -> dict:
     """All files of one framework's run into `stage_dir`; returns the metrics.
 
     held_out: (dataset, x, y) of the run's held-out data (result.held_out predicts there),
-    or None."""
+    or None. beyond: an ensemble's extrapolation(), drawn as extrapolation.png/svg and
+    summarised in metrics.json."""
     os.makedirs(stage_dir, exist_ok=True)
     epochs = len(result.loss_history)
     title = f"{result.framework} on {result.device}, {epochs} epochs ({result.dtype})"
@@ -129,6 +166,12 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
                                                float(hm.loss[k]), held_out[0].true_sigma(),
                                                held_out[0].true_mean())
             metrics["members"].append(member)
+    if beyond is not None:
+        metrics["beyond_the_data"] = beyond["summary"]
+        figures.save(figures.extrapolation_figure(
+            x[:, 0], y[:, 0], beyond["grid"], beyond["predictions"]["mixture"],
+            beyond["predictions"]["member_0"], f"beyond the data: {title}",
+            beyond["true_mean"]), os.path.join(stage_dir, "extrapolation"))
     metrics |= {
         "timing": {
             "compile_s": result.compile_s,
@@ -293,7 +336,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         lines, written = [], {}
         for n, r in results.items():
             where = os.path.join(stage, n) if len(results) > 1 else stage
-            written[n] = write_run(where, r, dataset, x, y, config, held_out)
+            beyond = (None if r.members is None else
+                      extrapolation(backends[n], r, settings, dataset, x))
+            written[n] = write_run(where, r, dataset, x, y, config, held_out, beyond)
             lines.append(summary(r, written[n]))
         if len(results) == 2:
             report = criteria.compare(results["jax"], results["torch"], y[:, 0],

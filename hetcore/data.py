@@ -68,9 +68,14 @@ class Dataset:
         return x, y
 
     def true_mean(self) -> np.ndarray | None:
+        return self.true_mean_at(self.x)
+
+    def true_mean_at(self, x: np.ndarray) -> np.ndarray | None:
+        """The law's mean at any x, inside the data's range or beyond it (None for data
+        that are not synthetic)."""
         if not self.synthetic:
             return None
-        x = self.x.astype(np.float64)
+        x = np.asarray(x, np.float64)
         return np.zeros_like(x) if self.law == "two-sines" else true_mean(x)
 
     def true_sigma(self) -> np.ndarray | None:

@@ -276,6 +276,41 @@ def loss_comparison_figure(x, y, fits: dict, true_mean=None, true_sigma=None, ti
     return fig
 
 
+def extrapolation_figure(x, y, grid, mixture, member, title: str, true_mean=None):
+    """An ensemble beyond its data: above, the data, the training range shaded, one
+    member's mu +- 2 sigma (outlined) and the mixture's (filled), the true mean dashed when
+    known; below, both sigmas on a log scale. mixture, member: (mu, sigma) on `grid`."""
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(9, 6.6), dpi=110, sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.3]})
+    lo, hi = float(np.min(x)), float(np.max(x))
+    keep = _drawn(len(x))
+    order = np.argsort(np.asarray(x), kind="stable")[keep]
+    (mm, ms), (om, os_) = mixture, member
+    for a in (ax, low):
+        a.axvspan(lo, hi, color="#eeeeee", zorder=0, label="training range" if a is ax
+                  else None)
+        a.grid(alpha=0.3)
+    ax.scatter(np.asarray(x)[order], np.asarray(y)[order], s=6, color=COLORS["data"],
+               alpha=0.4, zorder=1, label="training data")
+    ax.fill_between(grid, mm - 2 * ms, mm + 2 * ms, color=COLORS["band"], alpha=0.55,
+                    linewidth=0, zorder=2, label=r"mixture $\mu \pm 2\sigma$")
+    ax.plot(grid, mm, color=COLORS["fit"], linewidth=2.2, zorder=3, label=r"mixture $\mu$")
+    for sign in (1, -1):
+        ax.plot(grid, om + sign * 2 * os_, color=COLORS["held"], linewidth=1.1, zorder=3,
+                label=r"one member $\mu \pm 2\sigma$" if sign == 1 else None)
+    if true_mean is not None:
+        ax.plot(grid, true_mean, "--", color=COLORS["true"], linewidth=1.4, zorder=4,
+                label="true mean")
+    ax.set(ylabel="y", title=title)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    low.semilogy(grid, ms, color=COLORS["fit"], linewidth=1.8, label=r"mixture $\sigma$")
+    low.semilogy(grid, os_, color=COLORS["held"], linewidth=1.2, label=r"one member $\sigma$")
+    low.set(xlabel="x", ylabel=r"$\sigma$")
+    low.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, stem: str, formats=("png", "svg")) -> list[str]:
     """Save as stem.png and stem.svg; returns the paths."""
     paths = []

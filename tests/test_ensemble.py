@@ -73,6 +73,18 @@ def test_the_train_command_writes_an_ensemble(tmp_path):
     b = outputs.read_predictions(str(ev / "predictions.csv"))
     for k in ("mu", "sigma"):  # vmapped members against one member at a time: float32
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # beyond the data: the figure, and member 0's sigma there recomputed from its weights
+    assert (out / "extrapolation.png").exists() and (out / "extrapolation.svg").exists()
+    beyond = m["beyond_the_data"]
+    lo, hi = beyond["data_range"]
+    grid = np.linspace(*beyond["x_range"], train.GRID_POINTS)
+    assert grid[0] < lo and grid[-1] > hi and beyond["points_beyond"] == int(
+        ((grid < lo) | (grid > hi)).sum())
+    member0 = {n: a[0] for n, a in w.items()}
+    _, var, _ = registry.backend("jax").predict(member0, grid.astype("float32")[:, None], "cpu")
+    sd = np.sqrt(var[:, 0].astype(np.float64))[(grid < lo) | (grid > hi)]
+    np.testing.assert_allclose(beyond["member_0"]["mean_sigma"], sd.mean(), rtol=1e-6)
+    assert 0 <= beyond["mixture"]["true_mean_within_2sigma"] <= 1
     # the stacked initial weights start the same ensemble again
     again = tmp_path / "again"
     assert train.main(argv + ["--init-from", str(out / "initial_weights.safetensors"),
