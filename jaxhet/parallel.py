@@ -17,6 +17,8 @@ points' share of the work, the forward and backward passes, is what is split.
 
 from __future__ import annotations
 
+import socket
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -39,8 +41,10 @@ def initialize(coordinator: str | None, num_processes: int | None,
     gloo."""
     if jax.distributed.is_initialized():
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     auto = coordinator == "auto"
+    if not auto and process_id == 0:
+        _check_port(coordinator)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
             coordinator_address=None if auto else coordinator,
@@ -51,6 +55,20 @@ def initialize(coordinator: str | None, num_processes: int | None,
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--coordinator {coordinator}: jax could not join the processes "
                          f"({first})") from None
+
+
+def _check_port(coordinator: str) -> None:
+    """Process 0 serves the coordinator: its port must be free here (jax's own refusal of
+    a port in use comes with a log line of gRPC's before it)."""
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--coordinator {coordinator}: expected HOST:PORT, or auto")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            raise UsageError(f"--coordinator {coordinator}: process 0 cannot listen on port "
+                             f"{port} here ({e.strerror})") from None
 
 
 def mesh(name: str, count: int, axis: str = AXIS) -> Mesh:

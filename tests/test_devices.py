@@ -124,6 +124,9 @@ def test_torch_environment_refusals(tmp_path, capsys, monkeypatch):
     assert "--coordinator: jax's way" in capsys.readouterr().err
     assert main(RUN + ["--num-processes", "2", "--out", out]) == 2
     assert "need --coordinator" in capsys.readouterr().err
+    assert main(RUN + ["--coordinator", "nowhere", "--num-processes", "2", "--process-id",
+                       "0", "--out", out]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
     # A port in use where the command would start its workers.
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -132,6 +135,13 @@ def test_torch_environment_refusals(tmp_path, capsys, monkeypatch):
         assert main(torch_run + ["--devices", "2"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "cannot listen on it here" in err, err
+        monkeypatch.delenv("MASTER_PORT")
+        # ... and where jax's process 0 would serve the coordinator
+        assert main(RUN + ["--devices", "2", "--coordinator",
+                           f"127.0.0.1:{busy.getsockname()[1]}", "--num-processes", "2",
+                           "--process-id", "0", "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "cannot listen on port" in err, err
     assert not os.path.exists(out)
 
 
