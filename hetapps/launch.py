@@ -24,9 +24,11 @@ import sys
 import tempfile
 import time
 
+from hetcore import outputs
 from hetcore.errors import UsageError
 
 FAILURES = "HETAPPS_FAILURES"  # a launched worker's environment: where its failure goes
+SUPERVISED = "HETAPPS_SUPERVISED"  # set in a jax process that supervise() started
 POLL_S = 0.05
 STOPPED = 128 + signal.SIGTERM  # the exit status of a worker stop() ended
 GRACE_S = 5.0  # how long a stopped worker has to clean up (its staging directory) first
@@ -87,6 +89,51 @@ def spawn(argv: list[str], count: int) -> int:
         return _wait(procs, records)
     finally:
         _stop(procs)
+        shutil.rmtree(records, ignore_errors=True)
+
+
+def supervised() -> bool:
+    return SUPERVISED in os.environ
+
+
+def supervise(argv: list[str], process: int | None, count: int | None) -> int:
+    """Run one process of a jax run over several (`python -m hetapps.train argv`) and say
+    how it ended in one line. jax ends a process that lost contact with another (a missed
+    heartbeat) with an abort and a C++ stack trace; here that becomes exit status 1 and a
+    line naming this process, its log kept in a file the line names. The process's stdout
+    (the summary) comes through; its stderr goes to that log, and its own failure line
+    (bad input, divergence) is reported as it is."""
+    records = tempfile.mkdtemp(prefix="hetapps-jax-")
+    log_path = os.path.join(records, "stderr.log")
+    proc = None
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
+                                    env=dict(os.environ, **{FAILURES: records, SUPERVISED: "1"}),
+                                    stderr=log, preexec_fn=_end_with_parent)
+            code = proc.wait()
+        if code == 0:
+            return 0
+        try:
+            with open(os.path.join(records, "0.json"), encoding="utf-8") as f:
+                left = json.load(f)
+            print(left["line"], file=sys.stderr)
+            return 2 if left["code"] == 2 else 1
+        except (OSError, ValueError):
+            pass
+        kept = tempfile.NamedTemporaryFile(prefix="hetapps-jax-process-", suffix=".log",
+                                           delete=False)
+        with kept, open(log_path, "rb") as f:
+            shutil.copyfileobj(f, kept)
+        how = (f"was ended by signal {-code} ({signal.Signals(-code).name})" if code < 0
+               else f"exited with status {code}")
+        print(f"error: jax process {process} of {count} {how}, as jax ends a process that "
+              f"lost contact with another; the run was stopped (its log: {kept.name})",
+              file=sys.stderr)
+        return 1
+    finally:
+        if proc is not None:
+            _stop([proc])
         shutil.rmtree(records, ignore_errors=True)
 
 
@@ -160,6 +207,24 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _stopped(*_) -> None:
+    """A worker stopped by the launcher: its staging directory goes, and it ends at once.
+    An orderly exit would tear down torch.distributed and gloo's threads mid-collective,
+    and C++ says so on stderr ("terminate called without an active exception")."""
+    outputs.discard_staging()
+    os._exit(STOPPED)
+
+
+def finish(code: int) -> int:
+    """A launched worker's end: after a failure (its line already reported), at once, for
+    the reason of _stopped; otherwise the ordinary way."""
+    if code != 0 and FAILURES in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def reporter():
     """How a worker started by spawn reports its failure: one line into the launcher's file
     (time-stamped, so that the launcher reports the first); None outside such a worker.
@@ -167,7 +232,7 @@ def reporter():
     records = os.environ.get(FAILURES)
     if records is None:
         return None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED))
+    signal.signal(signal.SIGTERM, _stopped)
 
     def report(code: int, line: str) -> None:
         rank = os.environ.get("RANK", "0")

@@ -87,7 +87,7 @@ def write_fit_files(stage_dir: str, title: str, dataset: data.Dataset, x, y, mu,
     return out
 
 
-BEYOND = 0.25  # an ensemble's extrapolation grid reaches this share of the data's span past each end
+BEYOND = 0.25  # the share of the data's span an ensemble's extrapolation grid reaches past each end
 GRID_POINTS = 601
 
 
@@ -256,6 +256,10 @@ def held_out_data(settings: Settings, dataset: data.Dataset, backends: dict, dev
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """The train command on parsed `args`; `argv`, the command line they came from, is
     what the workers of a torch run over several processes are started with."""
+    if args.coordinator is not None and not launch.supervised():
+        # one process of a jax run over several: in a child, whose abort on a lost peer
+        # becomes one line here (hetapps.launch.supervise)
+        return launch.supervise(list(argv or []), args.process_id, args.num_processes)
     ckpts: dict = {}
     if args.resume is not None:
         settings, out, ckpts = resume_plan(args)
@@ -367,9 +371,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return options.main(build_parser(), lambda args: run(args, argv), argv,
-                        interrupted="interrupted; nothing written to --out (checkpoints, "
-                        "if any, are kept)", report=launch.reporter())
+    return launch.finish(options.main(
+        build_parser(), lambda args: run(args, argv), argv, interrupted="interrupted; nothing "
+        "written to --out (checkpoints, if any, are kept)", report=launch.reporter()))
 
 
 if __name__ == "__main__":  # how hetapps.launch starts a worker

@@ -220,8 +220,10 @@ class Measure(Protocol):
         precision."""
 
     def floor_seconds(self, n: int, width: int, depth: int, dtype: str, device: str,
-                      repeats: int) -> list[float]:
-        """One epoch's own matrix products back to back (the matmul floor)."""
+                      repeats: int, batch: int | None = None, members: int = 1) -> list[float]:
+        """One epoch's own matrix products back to back (the matmul floor): one update's
+        at each of the epoch's batch shapes (`batch`: None for one of every point), batched
+        over an ensemble's `members`."""
 
     def epoch_flops(self, settings, x, y, weights) -> float | None:
         """FLOPs of one epoch as the framework's compiler counts them (None: it does not)."""

@@ -89,6 +89,7 @@ def staged(out: str):
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-",
                              dir=parent)
+    _STAGING.add(stage)
     try:
         yield stage
         _normal_modes(stage)
@@ -97,6 +98,17 @@ def staged(out: str):
         else:
             _move_into(stage, out)
     finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        _STAGING.discard(stage)
+
+
+_STAGING: set[str] = set()  # the staging directories being written in this process
+
+
+def discard_staging() -> None:
+    """Remove every staging directory this process is writing: for a process that must end
+    at once (a stopped worker) and leave nothing half-written."""
+    for stage in list(_STAGING):
         shutil.rmtree(stage, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetcore.backend import EngineOptions
+from hetcore.schedule import batch_sizes
 from hetcore.settings import Settings
 from hetcore.timing import timed
 from jaxhet.device import enable_x64, resolve_device, x64_tracing
@@ -35,39 +36,53 @@ def matmul_seconds(size: int, dtype: str, device: str, repeats: int = 5) -> list
     return timed(lambda: mm(a, b), _sync, repeats)
 
 
-def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repeats: int = 5
-                  ) -> list[float]:
-    """One epoch's own matrix products back to back, nothing else (the matmul floor): per
-    block the forward product, the weight gradient and (but for the first block) the input
-    gradient; the heads' products likewise."""
+def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repeats: int = 5,
+                  batch: int | None = None, members: int = 1) -> list[float]:
+    """One epoch's own matrix products back to back, nothing else (the matmul floor): for
+    each of its updates (one of every point, or one a batch of `batch`, the last shorter:
+    hetcore.schedule.batch_sizes), per block the forward product, the weight gradient and
+    (but for the first block) the input gradient; the heads' products likewise. members >
+    1: an ensemble's, every product batched over the members. The updates run as one
+    program (a lax.map over the whole batches, then the shorter one)."""
     enable_x64(dtype)
     dev = resolve_device(device)
     rng = np.random.default_rng(0)
+    sizes = batch_sizes(n, batch)
+    lead = (members,) if members > 1 else ()
+    whole = sum(1 for b in sizes if b == sizes[0])
 
     def r(*shape):
         return jax.device_put(rng.standard_normal(shape).astype(dtype), dev)
 
-    x, gh = r(n, 1), r(n, 2)  # gh: the loss's gradient at the two heads' outputs
-    ws = [r(1, width)] + [r(width, width) for _ in range(depth - 1)]
-    heads = r(width, 2)  # mean and variance heads side by side
-    dot = lambda a, b: jnp.dot(a, b, precision=PRECISION)  # noqa: E731
+    def tr(a):
+        return jnp.swapaxes(a, -1, -2)
 
-    @jax.jit
-    def once(x, ws, heads, gh):
+    dot = lambda a, b: jnp.matmul(a, b, precision=PRECISION)  # noqa: E731
+
+    def update(x, gh, ws, heads):  # gh: the loss's gradient at the two heads' outputs
         hs, h = [], x
         for w in ws:
-            h = dot(h, w)  # (n, width)
+            h = dot(h, w)  # (rows, width)
             hs.append(h)
-        outs = [dot(h, heads), dot(h.T, gh)]  # heads: forward, weight gradient
-        dh = dot(gh, heads.T)  # heads: input gradient (n, width)
+        outs = [dot(h, heads), dot(tr(h), gh)]  # heads: forward, weight gradient
+        dh = dot(gh, tr(heads))  # heads: input gradient (rows, width)
         for k in range(depth - 1, -1, -1):
             inp = x if k == 0 else hs[k - 1]
-            outs.append(dot(inp.T, dh))  # weight gradient (in, width)
+            outs.append(dot(tr(inp), dh))  # weight gradient (in, width)
             if k > 0:
-                dh = dot(dh, ws[k].T)  # input gradient (n, width)
+                dh = dot(dh, tr(ws[k]))  # input gradient (rows, width)
         return outs
 
-    return timed(lambda: once(x, ws, heads, gh), _sync, repeats)
+    @jax.jit
+    def once(xs, ghs, tail, ws, heads):
+        outs = jax.lax.map(lambda part: update(part[0], part[1], ws, heads), (xs, ghs))
+        return outs if tail is None else (outs, update(*tail, ws, heads))
+
+    xs, ghs = r(whole, *lead, sizes[0], 1), r(whole, *lead, sizes[0], 2)
+    tail = None if len(sizes) == whole else (r(*lead, sizes[-1], 1), r(*lead, sizes[-1], 2))
+    ws = [r(*lead, 1, width)] + [r(*lead, width, width) for _ in range(depth - 1)]
+    heads = r(*lead, width, 2)  # mean and variance heads side by side
+    return timed(lambda: once(xs, ghs, tail, ws, heads), _sync, repeats)
 
 
 def _cost(compiled) -> dict:

@@ -28,9 +28,11 @@ from jaxhet.device import describe, resolve_device
 
 AXIS = "points"  # the mesh's one axis: a batch's points split over it
 MEMBERS = "members"  # an ensemble's mesh: its members split over it (jaxhet.ensemble)
-# How long a process waits for the others at start-up (jax's default is 5 minutes); a
-# worker that never comes ends the run with one line rather than a long hang.
+# How long a process waits for the others at start-up (jax's default is 5 minutes), and
+# how long without a heartbeat before another counts as lost (jax's default 100 s): a
+# worker that never comes or dies ends the run, with one line, rather than a long hang.
 JOIN_TIMEOUT_S = 120
+HEARTBEAT_TIMEOUT_S = 30
 
 
 def initialize(coordinator: str | None, num_processes: int | None,
@@ -50,7 +52,8 @@ def initialize(coordinator: str | None, num_processes: int | None,
             coordinator_address=None if auto else coordinator,
             num_processes=None if auto else num_processes,
             process_id=None if auto else process_id,
-            initialization_timeout=JOIN_TIMEOUT_S)
+            initialization_timeout=JOIN_TIMEOUT_S,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--coordinator {coordinator}: jax could not join the processes "

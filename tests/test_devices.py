@@ -284,3 +284,33 @@ def test_killing_the_command_stops_its_workers(tmp_path):
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_a_lost_jax_process_ends_the_other_with_one_line(tmp_path):
+    out = str(tmp_path / "run")
+    where = f"127.0.0.1:{_free_port()}"
+    argv = ["--preset", "none", "--n-points", "200", "--width", "16", "--epochs", "1000000",
+            "--devices", "2", "--coordinator", where, "--num-processes", "2", "--device",
+            "cpu", "--no-progress", "--out", out]
+    procs = [subprocess.Popen([sys.executable, TRAIN, *argv, "--process-id", str(i)],
+                              env=env(), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for i in (0, 1)]
+    deadline = time.time() + 120
+    while not all(_children(p.pid) for p in procs) and time.time() < deadline:
+        time.sleep(0.1)
+    children = [c for p in procs for c in _children(p.pid)]
+    time.sleep(8)  # joined and training
+    os.kill(_children(procs[1].pid)[0], signal.SIGKILL)  # process 1 itself dies
+    outs = [p.communicate(timeout=200) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1]
+    lines = [err.strip() for _, err in outs]
+    assert all(line.count("\n") == 0 for line in lines), lines
+    assert lines[0].startswith("error: jax process 0 of 2 failed"), lines[0]
+    assert lines[1].startswith("error: jax process 1 of 2 was ended by signal 9"), lines[1]
+    log = lines[1].rsplit("its log: ", 1)[1].rstrip(")")
+    assert os.path.isfile(log)
+    os.remove(log)
+    assert not any(_alive(c) for c in children)
+    assert os.listdir(tmp_path) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from hetcore.backend import EngineOptions
+from hetcore.schedule import batch_sizes
 from hetcore.settings import Settings
 from hetcore.timing import timed
 from torchhet import handgrad
@@ -29,36 +30,43 @@ def matmul_seconds(size: int, dtype: str, device: str, repeats: int = 5) -> list
         return timed(lambda: torch.mm(a, b, out=out), _timer(dev), repeats)
 
 
-def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repeats: int = 5
-                  ) -> list[float]:
+def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repeats: int = 5,
+                  batch: int | None = None, members: int = 1) -> list[float]:
     """One epoch's own matrix products, back to back and nothing else (the matmul floor):
-    per block the forward product, the weight gradient and (but for the first block) the
-    input gradient, in the layouts the epoch uses; the heads' products likewise."""
+    for each of its updates (one of every point, or one a batch of `batch`, the last
+    shorter: hetcore.schedule.batch_sizes), per block the forward product, the weight
+    gradient and (but for the first block) the input gradient, in the layouts the epoch
+    uses; the heads' products likewise. members > 1: an ensemble's, every product batched
+    over the members."""
     dev = resolve_device(device)
     g = torch.Generator(device="cpu").manual_seed(0)
+    lead = (members,) if members > 1 else ()
 
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=DTYPES[dtype]).to(dev)
 
-    x = r(n, 1)
-    hs = [r(n, width) for _ in range(depth)]
-    ws = [r(width, 1)] + [r(width, width) for _ in range(depth - 1)]
-    heads = r(2, width)  # mean and variance heads stacked
-    gh = r(n, 2)  # the loss's gradient at the two heads' outputs
+    sizes = batch_sizes(n, batch)
+    data = {b: (r(*lead, b, 1), [r(*lead, b, width) for _ in range(depth)], r(*lead, b, 2))
+            for b in sorted(set(sizes))}  # per batch size: x, the blocks' outputs, gh
+    ws = [r(*lead, width, 1)] + [r(*lead, width, width) for _ in range(depth - 1)]
+    heads = r(*lead, 2, width)  # mean and variance heads stacked
 
-    def once():
+    def update(x, hs, gh):  # gh: the loss's gradient at the two heads' outputs
         h = x
         for w, out in zip(ws, hs):
-            torch.mm(h, w.t(), out=out)  # (n, width)
+            torch.matmul(h, w.mT, out=out)  # (rows, width)
             h = out
-        outs = [h @ heads.t(), gh.t() @ h]  # heads: forward, weight gradient
-        dh = gh @ heads  # heads: input gradient (n, width)
+        outs = [h @ heads.mT, gh.mT @ h]  # heads: forward, weight gradient
+        dh = gh @ heads  # heads: input gradient (rows, width)
         for k in range(depth - 1, -1, -1):
             inp = x if k == 0 else hs[k - 1]
-            outs.append(dh.t() @ inp)  # weight gradient (width, in)
+            outs.append(dh.mT @ inp)  # weight gradient (width, in)
             if k > 0:
-                dh = dh @ ws[k]  # input gradient (n, width)
+                dh = dh @ ws[k]  # input gradient (rows, width)
         return outs
+
+    def once():
+        return [update(*data[b]) for b in sizes]
 
     with matmul_precision("highest"):
         return timed(once, _timer(dev), repeats)

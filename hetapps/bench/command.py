@@ -151,9 +151,11 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     """The benchmark or the sweep as `args` say; returns the exit status."""
     check_args(args)
     base = options.settings(args, framework="both")
-    if base.ensemble > 1:
-        raise UsageError("--ensemble: the benchmark times one model's loops; ensembles are "
-                         "not benchmarked yet")
+    if base.ensemble > 1 and args.sweep:
+        raise UsageError("--ensemble: the sweep times one model; drop --sweep or --ensemble")
+    if base.devices > 1:
+        raise UsageError("--devices: the benchmark times one device's loops; data-parallel "
+                         "runs are timed by the train command (docs/devices.md)")
     threads = pin_threads(args.threads)
     host_malloc = hostmem.keep_freed_memory()  # both frameworks alike, before either starts
     # JAX must not take most of a GPU's memory up front: torch shares the device.
@@ -167,7 +169,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     kind = next(iter(fws.values())).kind
     unroll = None if args.unroll is None else _ints(args.unroll, "--unroll")
     precision = {"float32": "highest", "tf32": "tf32"}[args.precision]  # EngineOptions'
-    variants = select(spec, fws, args.remat, unroll, precision, extra_variants)
+    variants = select(spec, fws, args.remat, unroll, precision, extra_variants, base.ensemble)
     out = args.out or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     size = args.peak_size or (4096 if kind == "gpu" else 2048)
@@ -180,8 +182,9 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         versions.update(fw.backend.versions())
     settle = Settle()
     log(f"device {device['name']}, {threads} threads; references ...")
+    batch = None if base.full_batch(base.n_points) else base.batch_size
     refs = references(fws, base.n_points, base.width, base.depth, size, max(args.repeats, 5),
-                      settle)
+                      settle, batch, base.ensemble)
     peak = refs["peak"]["best"]["gflops"]
     log(f"  f32 peak {peak:.1f} GFLOP/s ({refs['peak']['best']['library']}), floor "
         f"{refs['floor']['best']['ms']:.3f} ms ({refs['floor']['best']['library']})")
@@ -213,7 +216,11 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
 
     x, y, w, source = workload(base)
     base.check_run(len(x))  # a warm-up the run would not outlast: refused before any work
-    flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
+    if base.ensemble > 1:  # K members' products (XLA counts one model's program)
+        flops, flops_source = float(refs["floor"]["matmul_flops"]), \
+            f"matrix products counted, {base.ensemble} members"
+    else:
+        flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
     log(f"  {flops / 1e6:.1f} MFLOP per epoch; timing {len(variants)} variants x "
         f"{args.repeats} runs of {base.epochs} epochs")
     rows = time_variants(variants, w, x, y, base, args.repeats, log, settle)
@@ -236,6 +243,12 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         if ok:
             b = min(ok, key=lambda r: r["run_s"])
             fastest[fw] = {"name": b["name"], "run_s": b["run_s"]}
+    speedup = {}  # an ensemble's program against K single runs, per framework
+    for fw in fws:
+        times = {r["loop"]: r["ms_per_epoch"]["median"] for r in rows
+                 if r["framework"] == fw and "ms_per_epoch" in r}
+        if {"ensemble", "singles"} <= set(times):
+            speedup[fw] = times["singles"] / times["ensemble"]
     for r in rows:
         if "history" in r:
             r["loss_history_head"] = [float(v) for v in r["history"][:10]]
@@ -248,6 +261,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
                      "dtype": "float32", "settings": base.to_dict(), **source},
         "flops_per_epoch": flops, "flops_source": flops_source,
         "repeats": args.repeats, "variants": rows, "agreement": agree, "fastest": fastest,
+        "ensemble_speedup_over_singles": speedup,
         "machine_load": {"start": load_start, "end": _load(), "threads": threads,
                          "note": "1-minute load averages; above the thread count the machine "
                          "was shared and every time is inflated (torch's OpenMP barriers "

@@ -17,7 +17,12 @@ def workload(settings: Settings):
     framework's initialiser)."""
     ds = data.for_settings(settings)
     x, y = ds.columns("float32")
-    if settings.lecture_weights:
+    if settings.ensemble > 1:  # member k from seed + k
+        k, seed = settings.ensemble, settings.init_seed
+        w = interchange.stack([interchange.draw_initial(settings.width, settings.depth,
+                                                        "float32", seed + i) for i in range(k)])
+        src = f"numpy init(seed={seed}..{seed + k - 1})"
+    elif settings.lecture_weights:
         w, src = interchange.cast(interchange.lecture_weights(), "float32"), "lecture"
     else:
         w = interchange.draw_initial(settings.width, settings.depth, "float32",
@@ -40,16 +45,18 @@ def matmul_flops(n: int, width: int, depth: int) -> int:
 
 
 def references(fws: dict, n: int, width: int, depth: int, size: int, repeats: int,
-               settle) -> dict:
+               settle, batch: int | None = None, members: int = 1) -> dict:
     """Each library's float32 matmul peak and matmul floor; the best of each is the
-    device's."""
+    device's. The floor is the workload's own: its epoch's updates at their batch shapes
+    (`batch`, None for full batches), batched over an ensemble's `members`."""
     peak, floor = {}, {}
     for name, fw in fws.items():
         settle(name)
         t = fw.measure.matmul_seconds(size, "float32", fw.device, repeats)
         peak[name] = {"gflops": 2 * size ** 3 / min(t) / 1e9,
                       "gflops_median": 2 * size ** 3 / statistics.median(t) / 1e9}
-        f = fw.measure.floor_seconds(n, width, depth, "float32", fw.device, repeats)
+        f = fw.measure.floor_seconds(n, width, depth, "float32", fw.device, repeats, batch,
+                                     members)
         floor[name] = {"ms": 1e3 * min(f), "ms_median": 1e3 * statistics.median(f)}
     best_peak = max(peak, key=lambda k: peak[k]["gflops"])
     best_floor = min(floor, key=lambda k: floor[k]["ms"])
@@ -57,7 +64,8 @@ def references(fws: dict, n: int, width: int, depth: int, size: int, repeats: in
         "peak": {"size": size, **peak, "best": {"library": best_peak,
                                                   "gflops": peak[best_peak]["gflops"]}},
         "floor": {**floor, "best": {"library": best_floor, "ms": floor[best_floor]["ms"]},
-                  "matmul_flops": matmul_flops(n, width, depth)},
+                  "matmul_flops": members * matmul_flops(n, width, depth),
+                  "batch": batch, "members": members},
     }
 
 

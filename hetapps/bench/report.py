@@ -101,6 +101,11 @@ def table(report: dict) -> str:
                  f"{a['reference']}" + (f"; float64 final losses within rtol {a['float64_rtol']:g}"
                                         if a.get("float64_rtol") else "") + ")")
     lines += [f"  {f}" for f in a["failures"]]
+    speedup = report.get("ensemble_speedup_over_singles")
+    if speedup:
+        k = report["workload"]["settings"]["ensemble"]
+        lines.append(f"the ensemble's one program against {k} single runs: "
+                     + ", ".join(f"{fw} {v:.2f}x faster" for fw, v in speedup.items()))
     best = report.get("fastest", {})
     if best:
         lines.append("fastest run, compile included: " + ", ".join(

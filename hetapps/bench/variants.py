@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from hetapps import registry
-from hetcore import driver
+from hetcore import driver, interchange
 from hetcore.backend import EngineOptions
 from hetcore.errors import UsageError
 from hetcore.interchange import architecture
@@ -19,6 +21,9 @@ CPU_VARIANTS = ("jax:scan", "jax:step", "torch:eager", "torch:optim", "torch:com
                 "torch:no-autograd")
 CUDA_ONLY = ("torch:cudagraph", "torch:reduce-overhead")
 GPU_VARIANTS = CPU_VARIANTS + CUDA_ONLY
+# With --ensemble K: each framework's ensemble program against K single runs.
+ENSEMBLE_LOOPS = ("ensemble", "singles")
+ENSEMBLE_VARIANTS = tuple(f"{fw}:{loop}" for fw in ("jax", "torch") for loop in ENSEMBLE_LOOPS)
 
 
 @dataclass
@@ -74,18 +79,55 @@ def trial(fw: Framework, loop: str, remat: bool = False,
 
     def start(w, x, y, base: Settings):
         settings = run_settings(fw, loop, base, w, x, remat)
+        return _timed(lambda: driver.train(fw.backend, settings, x, y, w, options=options))
+
+    return start
+
+
+def _timed(once: Callable):
+    """(compile seconds, repeat) of a trial whose run is once() -> a RunResult (or one's
+    train_s, compile_s, loss_history, final_loss)."""
+    first = once()
+
+    def repeat():
+        r = once()
+        return r.train_s, r.loss_history, r.final_loss
+
+    repeat.first = (first.train_s, first.loss_history, first.final_loss)
+    return first.compile_s, repeat
+
+
+@dataclass
+class _Members:
+    """K single runs as one: their seconds summed, their losses averaged (as an ensemble's
+    loss history is its members' mean)."""
+
+    train_s: float
+    compile_s: float
+    loss_history: object
+    final_loss: float
+
+
+def ensemble_trial(fw: Framework, singles: bool) -> Callable:
+    """An ensemble's trial: its members in the framework's one program (the engine of
+    --ensemble), or, the obvious alternative, K single runs one after another, member k
+    from its own weights and shuffle seed S + k, each on the framework's default loop."""
+
+    def start(w, x, y, base: Settings):
+        members = interchange.unstack(w)
+        settings = run_settings(fw, "auto", base, members[0], x)
+        if not singles:
+            return _timed(lambda: driver.train(fw.backend, settings, x, y, w))
+        each = [settings.replace(ensemble=1, shuffle_seed=settings.shuffle_seed + k)
+                for k in range(len(members))]
 
         def once():
-            return driver.train(fw.backend, settings, x, y, w, options=options)
+            runs = [driver.train(fw.backend, s, x, y, m) for s, m in zip(each, members)]
+            return _Members(sum(r.train_s for r in runs), sum(r.compile_s for r in runs),
+                            np.mean([r.loss_history for r in runs], axis=0),
+                            float(np.mean([r.final_loss for r in runs])))
 
-        first = once()
-
-        def repeat():
-            r = once()
-            return r.train_s, r.loss_history, r.final_loss
-
-        repeat.first = (first.train_s, first.loss_history, first.final_loss)
-        return first.compile_s, repeat
+        return _timed(once)
 
     return start
 
@@ -100,19 +142,31 @@ def variant(fw: Framework, loop: str, remat: bool = False,
 
 
 def select(spec: str, fws: dict[str, Framework], remat: bool, unroll: list[int] | None,
-           precision: str, extra: dict | None = None) -> list[Variant]:
+           precision: str, extra: dict | None = None, ensemble: int = 1) -> list[Variant]:
     """The variants `spec` names ("all": every loop the device has) that can run here; JAX's
     scan once per `unroll` value; with `remat`, each loop that can also rematerialised.
-    `extra` adds variants from outside by name (their trials as Variant.trial)."""
+    `extra` adds variants from outside by name (their trials as Variant.trial). An
+    ensemble (ensemble > 1) has its own: ENSEMBLE_VARIANTS."""
     kind = next(iter(fws.values())).kind if fws else "cpu"
-    names = list(GPU_VARIANTS if kind == "gpu" else CPU_VARIANTS) if spec == "all" else \
-        [s.strip() for s in spec.split(",") if s.strip()]
+    every = ENSEMBLE_VARIANTS if ensemble > 1 else GPU_VARIANTS if kind == "gpu" else \
+        CPU_VARIANTS
+    names = list(every) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     out = []
     for name in names:
         framework, _, loop = name.partition(":")
         if framework not in LOOPS:
             raise UsageError(f"--variants {name}: expected framework:loop, e.g. jax:scan")
         if framework not in fws:
+            continue
+        if (loop in ENSEMBLE_LOOPS) != (ensemble > 1):
+            raise UsageError(f"--variants {name}: " + (
+                f"an ensemble's variants are {', '.join(ENSEMBLE_VARIANTS)}" if ensemble > 1
+                else f"{framework}:{loop} times an ensemble; give --ensemble K"))
+        if loop in ENSEMBLE_LOOPS:
+            if remat:
+                raise UsageError("--remat: an ensemble's variants do not rematerialise")
+            out.append(Variant(name, framework, loop,
+                               ensemble_trial(fws[framework], loop == "singles")))
             continue
         if loop not in LOOPS[framework]:
             raise UsageError(f"--variants {name}: {framework} has {', '.join(LOOPS[framework])}")
