@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "band, in float32 and float64. Exit 0: all checks pass; 1: a check failed; 2: bad "
         "usage or input.",
     )
-    options.add_settings(p, exclude=("framework", "dtype", "checkpoint_every"))
+    # --devices: each framework's data-parallel run is checked against its one-device run
+    # (tests/test_devices.py), not across frameworks here.
+    options.add_settings(p, exclude=("framework", "dtype", "checkpoint_every", "devices"))
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="both",
                    help="both (default): float32 and float64; the float64 runs then start "
                    "from the float32 data and weights cast exactly, so that they are the "

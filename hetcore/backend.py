@@ -35,10 +35,15 @@ class EngineOptions:
       matmul_precision: "highest" (full float32 products, every device) or "tf32" (the
         device's fast reduced-precision float32 products where it has them: TF32 on
         recent NVIDIA GPUs; a CPU computes in float32 either way).
+      members: how a JAX ensemble runs its members' epochs in its one program: "vmap" (the
+        members' products batched), "map" (one member after another, each with one
+        model's products), or "auto" (the faster for the width, measured:
+        jaxhet.ensemble.MAP_FROM_WIDTH). torch's ensemble refuses any other value.
     """
 
     unroll: int = 1
     matmul_precision: str = "highest"
+    members: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 1:
@@ -46,9 +51,12 @@ class EngineOptions:
         if self.matmul_precision not in PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {PRECISIONS}, got "
                              f"{self.matmul_precision!r}")
+        if self.members not in MEMBER_LOOPS:
+            raise ValueError(f"members must be one of {MEMBER_LOOPS}, got {self.members!r}")
 
 
 PRECISIONS = ("highest", "tf32")
+MEMBER_LOOPS = ("auto", "vmap", "map")
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,17 @@ def member_tree(tree, k: int):
     return jax.tree.map(lambda leaf: leaf[k], tree)
 
 
-def _members_chunk(graphdef, length: int, cfg, unroll: int, carry, x, y, h, orders, n_active,
-                   start):
+def _members_chunk(graphdef, length: int, cfg, unroll: int, members: str, carry, x, y, h,
+                   orders, n_active, start):
     """`length` epochs of every member from epoch `start` (those from `n_active` on
-    masked); orders: (length, K, N) each member's orders (None: full batch)."""
+    masked); orders: (length, K, N) each member's orders (None: full batch). members:
+    "vmap", the members' products batched, or "map", the members one after another in
+    the same program, each with one model's products (MEMBERS)."""
 
     def members_epoch(carry, active, index, order):
         one = lambda c, o: epoch(graphdef, cfg, c, x, y, h, active, index, o)  # noqa: E731
+        if members == "map":
+            return jax.lax.map(lambda part: one(*part), (carry, order))
         return jax.vmap(one, in_axes=(0, None if order is None else 0))(carry, order)
 
     def body(carry, part):
@@ -61,8 +65,24 @@ def _members_predict(graphdef, loss: str, full: bool, params, x, y, beta):
     return jax.vmap(lambda p: _predict(graphdef, loss, full, p, x, y, beta))(params)
 
 
-_chunk_jit = jax.jit(_members_chunk, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+_chunk_jit = jax.jit(_members_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
 _predict_jit = jax.jit(_members_predict, static_argnums=(0, 1, 2))
+
+
+# From this width on, the members run one after another ("map") rather than batched
+# ("vmap"): XLA's CPU batched products fall behind its plain ones as the products grow.
+# Measured on a 2-core CPU (scripts/bench.py --ensemble, docs/performance.md): width 64,
+# 16 members, vmap 2.13 ms an epoch against map 3.12; width 512, 8 members, vmap 30.5 ms
+# against map 21.0 (as fast as 8 single runs); 128 and 256 within the noise of each other.
+MAP_FROM_WIDTH = 512
+
+
+def members_loop(settings: Settings, options: EngineOptions) -> str:
+    """How the members' epochs run (see _members_chunk): options.members, or for "auto"
+    the faster one for the width."""
+    if options.members != "auto":
+        return options.members
+    return "map" if settings.width >= MAP_FROM_WIDTH else "vmap"
 
 
 class JaxEnsembleEngine:
@@ -114,9 +134,11 @@ class JaxEnsembleEngine:
                           NamedSharding(at.mesh, PartitionSpec(None, parallel.MEMBERS)))
         example = (self._orders(np.zeros((self.length, k, x.shape[0]), np.int32))
                    if self.batched else None)
+        self.members_loop = members_loop(settings, options)
         self.chunk = compile_once(_chunk_jit, ("members", self.graphdef, self.length, self.cfg,
-                                               unroll, sig, dev),
-                                  self.graphdef, self.length, self.cfg, unroll, self.carry,
+                                               unroll, self.members_loop, sig, dev),
+                                  self.graphdef, self.length, self.cfg, unroll,
+                                  self.members_loop, self.carry,
                                   self.x, self.y, self.h, example, np.int32(self.length),
                                   np.int32(0))
         self.programs = predict_programs(_predict_jit, self.graphdef, self.cfg, params, self.h,

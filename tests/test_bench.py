@@ -101,11 +101,56 @@ def test_a_fast_wrong_variant_fails_the_benchmark(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_wrong_variant_fails_a_mini_batch_adam_workload(tmp_path, capsys):
+    """Off the lecture's law rounding grows a thousandfold an epoch, so only the first
+    epochs are compared (float64: two); a 1% wrong learning rate still fails there, and the
+    right variants pass."""
+    adam = ["--batch-size", "16", "--optimizer", "adam", "--epochs", "20"]
+    code, out = _run(tmp_path, "--variants", "jax:scan,torch:optim", *adam,
+                     extra_variants={"broken": _broken(1.01)})
+    assert code == 1
+    report = json.loads((out / "bench.json").read_text())
+    failures = report["agreement"]["failures"]
+    assert failures and all("broken" in f and "first 2 epochs" in f for f in failures), failures
+    assert report["agreement"]["float32_epochs"] == 1
+    assert report["variants"][1]["check"]["float64_early_gap"] < 1e-12
+
+
+@pytest.mark.slow
 def test_the_same_variant_injected_agrees(tmp_path):
     # The check is not simply "anything injected fails".
     code, _ = _run(tmp_path, "--variants", "torch:eager", "--check", "float32",
                    extra_variants={"same": _broken(1.0)})
     assert code == 0
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_timed_against_its_single_runs(tmp_path, capsys):
+    """Each framework's ensemble program and K single runs train the same members (the
+    agreement check), set against the ensemble's own floor (its products batched over the
+    members) and each other."""
+    code, out = _run(tmp_path, "--ensemble", "3", "--batch-size", "16", "--optimizer",
+                     "adam")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "bench.json").read_text())
+    names = [r["name"] for r in report["variants"]]
+    assert names == list(variants.ENSEMBLE_VARIANTS)
+    assert report["agreement"]["ok"], report["agreement"]["failures"]
+    floor = report["references"]["floor"]
+    assert (floor["members"], floor["batch"]) == (3, 16)
+    assert floor["matmul_flops"] == 3 * references.matmul_flops(40, 8, 2)
+    assert set(report["ensemble_speedup_over_singles"]) == {"jax", "torch"}
+    assert "single runs: jax" in (out / "bench.txt").read_text()
+
+
+def test_a_workload_floor_times_its_own_shapes():
+    from jaxhet import measure as jm
+    from torchhet import measure as tm
+
+    for m in (jm, tm):
+        for batch, members in ((None, 1), (16, 1), (16, 3), (None, 4)):
+            t = m.floor_seconds(50, 8, 2, "float32", "cpu", 2, batch, members)
+            assert len(t) == 2 and all(v > 0 for v in t), (m.__name__, batch, members)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -118,6 +163,10 @@ def test_the_same_variant_injected_agrees(tmp_path):
     (["--no-such-option"], "unrecognized"),
     (["--epochs", "many"], "--epochs"),
     (["--recipe", "calibrated"], "--warmup-steps 100: longer than the run's 12 updates"),
+    (["--ensemble", "3", "--variants", "jax:scan"], "an ensemble's variants are"),
+    (["--variants", "jax:singles"], "give --ensemble K"),
+    (["--ensemble", "3", "--variants", "torch:ensemble-map"], "torch's ensemble has one way"),
+    (["--devices", "2"], "unrecognized arguments: --devices"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, needle, tmp_path):
     proc = subprocess.run(

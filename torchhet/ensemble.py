@@ -51,6 +51,9 @@ class TorchEnsembleEngine:
                  optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
         refuse_unroll(options)
+        if options.members != "auto":
+            raise UsageError(f"members {options.members}: torch's ensemble has one way, "
+                             "torch.func.vmap")
         t0 = time.perf_counter()
         s, dev = settings, resolve_device(settings.device)
         self.settings, self._dev, self.device = s, dev, describe(dev)

@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         "epoch's matmul floor measured in the same run; --sweep scans points x width.")
     # The run's own options; a variant brings its loop, float32 and float64 are both run
     # (the agreement check), and --remat here times every variant both ways.
+    # --devices: one device's loops are timed here; data-parallel runs by the train command.
     options.add_settings(p, exclude=("framework", "dtype", "full", "data", "test_data",
-                                     "init_from", "loop", "checkpoint_every", "remat"))
+                                     "init_from", "loop", "checkpoint_every", "remat",
+                                     "devices"))
     p.add_argument("--variants", default="all",
                    help="comma-separated framework:loop names (e.g. jax:scan,torch:optim); "
                    "'all' (default) takes every loop the device has")
@@ -153,9 +155,6 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     base = options.settings(args, framework="both")
     if base.ensemble > 1 and args.sweep:
         raise UsageError("--ensemble: the sweep times one model; drop --sweep or --ensemble")
-    if base.devices > 1:
-        raise UsageError("--devices: the benchmark times one device's loops; data-parallel "
-                         "runs are timed by the train command (docs/devices.md)")
     threads = pin_threads(args.threads)
     host_malloc = hostmem.keep_freed_memory()  # both frameworks alike, before either starts
     # JAX must not take most of a GPU's memory up front: torch shares the device.
@@ -216,9 +215,12 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
 
     x, y, w, source = workload(base)
     base.check_run(len(x))  # a warm-up the run would not outlast: refused before any work
-    if base.ensemble > 1:  # K members' products (XLA counts one model's program)
-        flops, flops_source = float(refs["floor"]["matmul_flops"]), \
-            f"matrix products counted, {base.ensemble} members"
+    if base.ensemble > 1 or batch is not None:
+        # XLA's cost analysis counts a loop's body once: an epoch of batches (a scan) or
+        # an ensemble's members (a map) would be undercounted; count the products
+        flops, flops_source = float(refs["floor"]["matmul_flops"]), (
+            "matrix products counted" + (f", {base.ensemble} members" if base.ensemble > 1
+                                         else f", batches of {batch}"))
     else:
         flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
     log(f"  {flops / 1e6:.1f} MFLOP per epoch; timing {len(variants)} variants x "
@@ -235,7 +237,8 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     if args.check == "float64":
         log("  float64 check runs ...")
         f64 = float64_finals(variants, w, x, y, base, log)
-    agree = rep.agreement(rows, rep.CHECK_EPOCHS, f64)
+    agree = rep.agreement(rows, rep.CHECK_EPOCHS, f64,
+                          stable=base.plain_sgd and base.full_batch(len(x)))
     refs["peak_after"] = peak_again(fws, refs["peak"], max(args.repeats, 5), settle)
     fastest = {}
     for fw in fws:
@@ -247,7 +250,7 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     for fw in fws:
         times = {r["loop"]: r["ms_per_epoch"]["median"] for r in rows
                  if r["framework"] == fw and "ms_per_epoch" in r}
-        if {"ensemble", "singles"} <= set(times):
+        if {"ensemble", "singles"} <= set(times):  # the ensemble as --ensemble runs it
             speedup[fw] = times["singles"] / times["ensemble"]
     for r in rows:
         if "history" in r:

@@ -10,17 +10,30 @@ import numpy as np
 CHECK_ATOL = 1e-4  # float32 loss agreement over the first epochs (rounding there: ~1e-7)
 CHECK_EPOCHS = 100  # before the lecture's SGD turns chaotic (docs/numerics.md)
 F64_RTOL = 1e-6  # float64 final losses (the frameworks agree to ~3e-7 over the lecture run)
+# A workload off the lecture's law: float32 compares its initial loss (a wrong forward),
+# float64 that and epoch 1's, after a whole epoch of updates (a wrong update). Rounding
+# grows about a thousandfold in that first epoch (measured, 80 Adam updates: float64 6e-14,
+# float32 1.3e-4), so float32 cannot judge the updates there and float64 can.
+UNSTABLE_EPOCHS = {"float32": 1, "float64": 2}
+F64_EARLY_RTOL = 1e-9  # float64 losses there (rounding: ~1e-13; a wrong update: >1e-4)
 DRIFT_WARN = 0.10  # peak before and after the variants further apart: flagged in the table
 
 
-def agreement(rows: list[dict], check_epochs: int, f64: dict | None) -> dict:
-    """Whether every variant trained the same run as the first one."""
+def agreement(rows: list[dict], check_epochs: int, f64: dict | None,
+              stable: bool = True) -> dict:
+    """Whether every variant trained the same run as the first one. stable: the workload
+    is the lecture's law (full-batch plain SGD), whose runs stay together; otherwise
+    (mini-batches, momentum, Adam) two runs that differ only in rounding part by about
+    tenfold an epoch (measured: 20,000 points, batches of 250, Adam, float64 gaps 6e-14 at
+    epoch 1 and 1.4e-7 at epoch 9), so only the first epochs are compared, where a wrong
+    variant already shows (its first update is wrong) and rounding does not."""
     ok_rows = [r for r in rows if "history" in r]
     if not ok_rows:
         return {"ok": False, "reference": None, "failures": ["no variant ran"]}
     ref = ok_rows[0]
     failures = []
-    k = min(check_epochs, len(ref["history"]))
+    k = min(check_epochs if stable else UNSTABLE_EPOCHS["float32"], len(ref["history"]))
+    k64 = UNSTABLE_EPOCHS["float64"]
     for r in rows:
         if "error" in r:
             failures.append(f"{r['name']}: did not run ({r['error']})")
@@ -31,14 +44,29 @@ def agreement(rows: list[dict], check_epochs: int, f64: dict | None) -> dict:
         if not math.isfinite(r["final_loss"]) or not gap <= CHECK_ATOL:
             failures.append(f"{r['name']}: float32 losses of the first {k} epochs differ from "
                             f"{ref['name']}'s by up to {gap:.3g} (allowed {CHECK_ATOL:g})")
-        if f64 is not None and r["name"] in f64:
-            r["check"]["float64_final_loss"] = f64[r["name"]]
-            r0 = f64.get(ref["name"])
-            if r0 is None or not abs(f64[r["name"]] - r0) <= F64_RTOL * max(1.0, abs(r0)):
-                failures.append(f"{r['name']}: float64 final loss {f64[r['name']]!r} differs "
-                                f"from {ref['name']}'s {r0!r} (allowed rtol {F64_RTOL:g})")
+        if f64 is None or r["name"] not in f64:
+            continue
+        final, history = f64[r["name"]]
+        r["check"]["float64_final_loss"] = final
+        r0 = f64.get(ref["name"])
+        if r0 is None:
+            failures.append(f"{r['name']}: no float64 run of {ref['name']} to compare with")
+        elif stable and not abs(final - r0[0]) <= F64_RTOL * max(1.0, abs(r0[0])):
+            failures.append(f"{r['name']}: float64 final loss {final!r} differs "
+                            f"from {ref['name']}'s {r0[0]!r} (allowed rtol {F64_RTOL:g})")
+        elif not stable:
+            gap64 = float(np.max(np.abs(history[:k64] - r0[1][:k64])))
+            r["check"]["float64_early_gap"] = gap64
+            if not gap64 <= F64_EARLY_RTOL * max(1.0, float(np.max(np.abs(r0[1][:k64])))):
+                failures.append(f"{r['name']}: float64 losses of the first {k64} epochs differ "
+                                f"from {ref['name']}'s by up to {gap64:.3g} (allowed rtol "
+                                f"{F64_EARLY_RTOL:g})")
     return {"ok": not failures, "reference": ref["name"], "float32_epochs": k,
             "float32_atol": CHECK_ATOL, "float64_rtol": F64_RTOL if f64 is not None else None,
+            "float64": None if f64 is None else
+            (f"final losses within rtol {F64_RTOL:g}" if stable else
+             f"losses of the first {k64} epochs within rtol "
+             f"{F64_EARLY_RTOL:g}"),
             "failures": failures}
 
 
@@ -60,7 +88,7 @@ def table(report: dict) -> str:
     pk, fl = refs["peak"], refs["floor"]
     others = ", ".join(f"{k} {v['gflops']:.1f}" for k, v in pk.items() if k not in ("size", "best"))
     floors = ", ".join(f"{k} {v['ms']:.3f}" for k, v in fl.items()
-                       if k not in ("best", "matmul_flops"))
+                       if k != "best" and isinstance(v, dict))  # each library's
     w = report["workload"]
     load = report.get("machine_load", {})
     lines = [
@@ -98,14 +126,15 @@ def table(report: dict) -> str:
     lines.append("")
     lines.append("agreement: " + ("ok" if a["ok"] else "FAILED") +
                  f" (float32 first {a['float32_epochs']} epochs within {a['float32_atol']:g} of "
-                 f"{a['reference']}" + (f"; float64 final losses within rtol {a['float64_rtol']:g}"
-                                        if a.get("float64_rtol") else "") + ")")
+                 f"{a['reference']}" + (f"; float64 {a['float64']}" if a.get("float64") else "")
+                 + ")")
     lines += [f"  {f}" for f in a["failures"]]
     speedup = report.get("ensemble_speedup_over_singles")
     if speedup:
         k = report["workload"]["settings"]["ensemble"]
         lines.append(f"the ensemble's one program against {k} single runs: "
-                     + ", ".join(f"{fw} {v:.2f}x faster" for fw, v in speedup.items()))
+                     + ", ".join(f"{fw} {v:.2f}x" for fw, v in speedup.items())
+                     + " (their time over its)")
     best = report.get("fastest", {})
     if best:
         lines.append("fastest run, compile included: " + ", ".join(

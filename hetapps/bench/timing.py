@@ -102,14 +102,15 @@ def time_variants(variants, w, x, y, base, repeats, log, settle: Settle | None =
 
 
 def float64_finals(variants, w, x, y, base, log) -> dict:
-    """Each variant's final loss when it trains the same run in float64."""
+    """Each variant's (final loss, loss history) when it trains the same run in float64."""
     w64 = cast(w, "float64")
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     out = {}
     for v in variants:
         try:
             _, repeat = v.trial(w64, x64, y64, base.replace(dtype="float64"))
-            out[v.name] = (repeat.first if hasattr(repeat, "first") else repeat())[2]
+            first = repeat.first if hasattr(repeat, "first") else repeat()
+            out[v.name] = (first[2], np.asarray(first[1], np.float64))
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             log(f"  {v.name}: float64 check failed to run: {short(e)}")
     return out

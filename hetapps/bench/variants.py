@@ -21,9 +21,11 @@ CPU_VARIANTS = ("jax:scan", "jax:step", "torch:eager", "torch:optim", "torch:com
                 "torch:no-autograd")
 CUDA_ONLY = ("torch:cudagraph", "torch:reduce-overhead")
 GPU_VARIANTS = CPU_VARIANTS + CUDA_ONLY
-# With --ensemble K: each framework's ensemble program against K single runs.
-ENSEMBLE_LOOPS = ("ensemble", "singles")
-ENSEMBLE_VARIANTS = tuple(f"{fw}:{loop}" for fw in ("jax", "torch") for loop in ENSEMBLE_LOOPS)
+# With --ensemble K: each framework's ensemble program (JAX's also with each way of running
+# its members, EngineOptions.members) against K single runs.
+ENSEMBLE_LOOPS = ("ensemble", "ensemble-vmap", "ensemble-map", "singles")
+ENSEMBLE_VARIANTS = ("jax:ensemble", "jax:ensemble-vmap", "jax:ensemble-map", "jax:singles",
+                     "torch:ensemble", "torch:singles")
 
 
 @dataclass
@@ -108,16 +110,19 @@ class _Members:
     final_loss: float
 
 
-def ensemble_trial(fw: Framework, singles: bool) -> Callable:
+def ensemble_trial(fw: Framework, loop: str) -> Callable:
     """An ensemble's trial: its members in the framework's one program (the engine of
-    --ensemble), or, the obvious alternative, K single runs one after another, member k
-    from its own weights and shuffle seed S + k, each on the framework's default loop."""
+    --ensemble; "ensemble-vmap", "ensemble-map": JAX's with EngineOptions.members so), or
+    ("singles"), the obvious alternative, K single runs one after another, member k from
+    its own weights and shuffle seed S + k, each on the framework's default loop."""
+    singles = loop == "singles"
+    options = EngineOptions(members=loop.partition("-")[2] or "auto") if not singles else None
 
     def start(w, x, y, base: Settings):
         members = interchange.unstack(w)
         settings = run_settings(fw, "auto", base, members[0], x)
         if not singles:
-            return _timed(lambda: driver.train(fw.backend, settings, x, y, w))
+            return _timed(lambda: driver.train(fw.backend, settings, x, y, w, options=options))
         each = [settings.replace(ensemble=1, shuffle_seed=settings.shuffle_seed + k)
                 for k in range(len(members))]
 
@@ -165,8 +170,10 @@ def select(spec: str, fws: dict[str, Framework], remat: bool, unroll: list[int] 
         if loop in ENSEMBLE_LOOPS:
             if remat:
                 raise UsageError("--remat: an ensemble's variants do not rematerialise")
-            out.append(Variant(name, framework, loop,
-                               ensemble_trial(fws[framework], loop == "singles")))
+            if framework == "torch" and loop.startswith("ensemble-"):
+                raise UsageError(f"--variants {name}: torch's ensemble has one way; "
+                                 "torch:ensemble")
+            out.append(Variant(name, framework, loop, ensemble_trial(fws[framework], loop)))
             continue
         if loop not in LOOPS[framework]:
             raise UsageError(f"--variants {name}: {framework} has {', '.join(LOOPS[framework])}")
