@@ -21,10 +21,12 @@ ADAM_EPS = 1e-8
 
 
 def make(settings: Settings, params: list, device: torch.device) -> torch.optim.Optimizer:
-    """The torch.optim optimiser of `settings` over `params`: multi-tensor (foreach) on a
-    CPU, fused on CUDA."""
-    fused = device.type == "cuda"
-    kinds = dict(foreach=not fused, fused=fused or None)
+    """The torch.optim optimiser of `settings` over `params`, fused (one kernel for every
+    parameter's update) on a CPU as on CUDA: measured on a 2-core CPU, 20,000 points in
+    batches of 250 with Adam, 52-56 ms an epoch fused against 72-76 ms multi-tensor
+    (foreach), whose per-update overhead of several kernels dominates small batches
+    (docs/performance.md)."""
+    kinds = dict(fused=True)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum or 0.0,
                                nesterov=bool(settings.nesterov), **kinds)
