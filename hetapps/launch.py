@@ -28,6 +28,7 @@ from hetcore import outputs
 from hetcore.errors import UsageError
 
 FAILURES = "HETAPPS_FAILURES"  # a launched worker's environment: where its failure goes
+RECORD = "HETAPPS_RECORD"  # ... and under which name
 SUPERVISED = "HETAPPS_SUPERVISED"  # set in a jax process that supervise() started
 POLL_S = 0.05
 STOPPED = 128 + signal.SIGTERM  # the exit status of a worker stop() ended
@@ -81,7 +82,7 @@ def spawn(argv: list[str], count: int) -> int:
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
                        WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       **{FAILURES: records})
+                       **{FAILURES: records, RECORD: str(rank)})
             quiet = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports
             procs.append(subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
                                           env=env, stdout=quiet, stderr=quiet,
@@ -109,7 +110,8 @@ def supervise(argv: list[str], process: int | None, count: int | None) -> int:
     try:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
-                                    env=dict(os.environ, **{FAILURES: records, SUPERVISED: "1"}),
+                                    env=dict(os.environ, **{FAILURES: records, RECORD: "0",
+                                                            SUPERVISED: "1"}),
                                     stderr=log, preexec_fn=_end_with_parent)
             code = proc.wait()
         if code == 0:
@@ -127,8 +129,11 @@ def supervise(argv: list[str], process: int | None, count: int | None) -> int:
             shutil.copyfileobj(f, kept)
         how = (f"was ended by signal {-code} ({signal.Signals(-code).name})" if code < 0
                else f"exited with status {code}")
-        print(f"error: jax process {process} of {count} {how}, as jax ends a process that "
-              f"lost contact with another; the run was stopped (its log: {kept.name})",
+        if code == -signal.SIGABRT:
+            how += ", as jax ends a process that lost contact with another"
+        who = "" if process is None else f" {process}" + ("" if count is None else
+                                                           f" of {count}")
+        print(f"error: jax process{who} {how}; the run was stopped (its log: {kept.name})",
               file=sys.stderr)
         return 1
     finally:
@@ -163,15 +168,17 @@ def _wait(procs: list[subprocess.Popen], records: str) -> int:
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(POLL_S)
-    _stop(procs)
-    code, line = _first_failure(procs, records, failed[0])
+    killed = _stop(procs)
+    code, line = _first_failure(procs, records, failed[0], killed)
     print(line, file=sys.stderr)
     return code
 
 
-def _first_failure(procs, records: str, first_seen: int) -> tuple[int, str]:
+def _first_failure(procs, records: str, first_seen: int, killed: set = frozenset()
+                   ) -> tuple[int, str]:
     """(exit status, line) of the failure that came first: a worker that ended without
-    leaving a line (a signal, a crash) is it; else the earliest line left."""
+    leaving a line (a signal, a crash) is it, unless the launcher itself stopped it
+    (`killed`: those it had to SIGKILL); else the earliest line left."""
     count = len(procs)
     left = {}
     for rank in range(count):
@@ -182,7 +189,8 @@ def _first_failure(procs, records: str, first_seen: int) -> tuple[int, str]:
             pass
     for rank in [first_seen] + list(range(count)):
         code = procs[rank].returncode
-        if code not in (None, 0, STOPPED, -signal.SIGTERM) and rank not in left:
+        if (code not in (None, 0, STOPPED, -signal.SIGTERM) and rank not in left
+                and rank not in killed):
             how = (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0
                    else f"exited with status {code} without a word")
             return 1, f"error: torch process {rank} of {count} {how}; the run was stopped"
@@ -192,19 +200,22 @@ def _first_failure(procs, records: str, first_seen: int) -> tuple[int, str]:
     return (2 if left[rank]["code"] == 2 else 1), left[rank]["line"]
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _stop(procs: list[subprocess.Popen]) -> set[int]:
     """SIGTERM every worker still running (a worker turns it into an exit that cleans up),
-    SIGKILL after GRACE_S; none is left behind."""
+    SIGKILL after GRACE_S; none is left behind. Returns the indices of those killed."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
     deadline = time.monotonic() + GRACE_S
-    for p in procs:
+    killed = set()
+    for i, p in enumerate(procs):
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+            killed.add(i)
+    return killed
 
 
 def _stopped(*_) -> None:
@@ -235,7 +246,7 @@ def reporter():
     signal.signal(signal.SIGTERM, _stopped)
 
     def report(code: int, line: str) -> None:
-        rank = os.environ.get("RANK", "0")
+        rank = os.environ.get(RECORD, "0")
         part = os.path.join(records, f".{rank}.json")
         with open(part, "w", encoding="utf-8") as f:
             json.dump({"code": code, "line": line, "time": time.time()}, f)

@@ -281,9 +281,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     cluster = {"coordinator": args.coordinator, "num_processes": args.num_processes,
                "process_id": args.process_id}
     rank, processes = 0, 1
-    if not starts_workers:
-        for b in backends.values():
-            rank, processes = b.join(settings, cluster)
+    for b in backends.values():  # (torch, about to start its workers: checks their count)
+        rank, processes = b.join(settings, cluster)
     devices = {n: b.resolve_device(settings.device) for n, b in backends.items()}
 
     def check_fits(n_points: int) -> None:

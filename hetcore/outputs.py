@@ -93,16 +93,35 @@ def staged(out: str):
     try:
         yield stage
         _normal_modes(stage)
-        if not os.path.exists(out):
-            os.rename(stage, out)  # one atomic step
-        else:
-            _move_into(stage, out)
+        with _sigterm_deferred():  # a stop arriving now waits until the run is in place
+            if not os.path.exists(out):
+                os.rename(stage, out)  # one atomic step
+            else:
+                _move_into(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         _STAGING.discard(stage)
 
 
 _STAGING: set[str] = set()  # the staging directories being written in this process
+
+
+@contextmanager
+def _sigterm_deferred():
+    """SIGTERM held back while the block runs (the main thread of a POSIX process; elsewhere
+    nothing is held): moving a finished run into --out is not cut half way."""
+    import signal
+    import threading
+
+    hold = hasattr(signal, "pthread_sigmask") and \
+        threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if hold:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def discard_staging() -> None:

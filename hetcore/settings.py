@@ -275,11 +275,15 @@ def check_predict_memory(width: int, depth: int, dtype: str, n_points: int, capa
 
 def check_memory(settings: "Settings", n_points: int, capacity: int, device: str) -> None:
     """Refuse, before any work, a run that cannot fit in `capacity` bytes of `device` (an
-    ensemble's members are each a whole run's memory)."""
-    need = settings.ensemble * memory_estimate(settings.width, settings.depth, n_points,
-                                               settings.dtype)
+    ensemble's members are each a whole run's memory; spread over --devices, each device
+    holds its share of them)."""
+    per_device = -(-settings.ensemble // settings.devices)
+    need = per_device * memory_estimate(settings.width, settings.depth, n_points,
+                                        settings.dtype)
     if need > capacity:
-        members = f" x {settings.ensemble} members" if settings.ensemble > 1 else ""
+        members = f" x {per_device} members" if settings.ensemble > 1 else ""
+        if settings.ensemble > 1 and settings.devices > 1:
+            members += " a device"
         raise UsageError(
             f"--width {settings.width} --depth {settings.depth} on {n_points} points"
             f"{members}: needs about {need / 2**30:.1f} GiB, more than the "

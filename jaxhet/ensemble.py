@@ -78,8 +78,12 @@ MAP_FROM_WIDTH = 512
 
 
 def members_loop(settings: Settings, options: EngineOptions) -> str:
-    """How the members' epochs run (see _members_chunk): options.members, or for "auto"
-    the faster one for the width."""
+    """How the members' epochs run (see _members_chunk): vmap on a mesh, else
+    options.members, or for "auto" the faster one for the width."""
+    if settings.devices > 1:
+        # the members' axis is sharded: a loop over it (map) would gather every member onto
+        # every device; vmap's batched products are partitioned, each device its own
+        return "vmap"
     if options.members != "auto":
         return options.members
     return "map" if settings.width >= MAP_FROM_WIDTH else "vmap"

@@ -314,3 +314,44 @@ def test_a_lost_jax_process_ends_the_other_with_one_line(tmp_path):
     os.remove(log)
     assert not any(_alive(c) for c in children)
     assert os.listdir(tmp_path) == []
+
+
+def test_more_torch_processes_than_cores_are_refused_before_any_start(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    n = (os.cpu_count() or 1) + 1
+    assert main(RUN + ["--framework", "torch", "--devices", str(n), "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --devices {n}: torch runs one process a device, and this machine "
+                   f"has {n - 1} CPU cores")
+    assert not os.path.exists(out)
+
+
+def test_an_ensembles_memory_is_judged_per_device():
+    from hetcore.settings import check_memory, memory_estimate
+
+    one = memory_estimate(64, 2, 1000, "float32")
+    s = Settings(preset="none", width=64, n_points=1000, ensemble=8, devices=4)
+    check_memory(s, 1000, 2 * one, "cpu")  # 2 members a device fit
+    with pytest.raises(UsageError, match="x 2 members a device"):
+        check_memory(s, 1000, 2 * one - 1, "cpu")
+    with pytest.raises(UsageError, match="x 8 members"):
+        check_memory(s.replace(devices=1), 1000, 2 * one, "cpu")
+
+
+def test_the_launcher_reports_the_first_failure_not_a_worker_it_killed(tmp_path):
+    from hetapps import launch
+
+    class Done:
+        def __init__(self, code):
+            self.returncode = code
+
+    (tmp_path / "1.json").write_text(json.dumps(
+        {"code": 1, "line": "error: torch process 1 of 3 failed: RuntimeError: boom",
+         "time": 5.0}))
+    procs = [Done(-signal.SIGKILL), Done(1), Done(launch.STOPPED)]
+    # worker 0 hung in a collective and had to be killed: worker 1's line is the failure
+    assert launch._first_failure(procs, str(tmp_path), 1, killed={0}) == (
+        1, "error: torch process 1 of 3 failed: RuntimeError: boom")
+    # a worker killed by someone else is the failure itself
+    code, line = launch._first_failure(procs, str(tmp_path), 1)
+    assert line.startswith("error: torch process 0 of 3 was killed by signal 9")

@@ -80,7 +80,8 @@ def versions() -> dict:
 
 def join(settings: Settings, cluster: dict) -> tuple[int, int]:
     """torch.distributed from its environment variables, when they are set
-    (torchhet.parallel.initialize)."""
+    (torchhet.parallel.initialize); before the train command starts --devices N processes
+    itself, whether there are N devices (one line naming how many there are)."""
     from torchhet import parallel
 
     given = [k for k, v in cluster.items() if v is not None]
@@ -88,6 +89,8 @@ def join(settings: Settings, cluster: dict) -> tuple[int, int]:
         raise UsageError(f"--{given[0].replace('_', '-')}: jax's way of joining processes; "
                          "torch joins those torchrun starts (or --devices N starts)")
     env = parallel.environment()
+    if settings.devices > 1 and env is None:  # the command starts the processes after this
+        parallel.check_count(resolve_device(settings.device), settings.devices)
     if env is None:
         return 0, 1
     parallel.initialize(parallel.local_device(resolve_device(settings.device)))

@@ -49,13 +49,16 @@ class TorchEnsembleEngine:
 
     def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
                  optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
-                 held_out: tuple[np.ndarray, np.ndarray] | None = None):
+                 held_out: tuple[np.ndarray, np.ndarray] | None = None,
+                 device: torch.device | None = None):
+        """device: where the members train (default: settings.device's); a process of
+        TorchEnsembleOverProcesses gives its own."""
         refuse_unroll(options)
         if options.members != "auto":
             raise UsageError(f"members {options.members}: torch's ensemble has one way, "
                              "torch.func.vmap")
         t0 = time.perf_counter()
-        s, dev = settings, resolve_device(settings.device)
+        s, dev = settings, device or resolve_device(settings.device)
         self.settings, self._dev, self.device = s, dev, describe(dev)
         self.precision, self.members = options.matmul_precision, s.ensemble
         models = [put(w, s.dtype, dev, s.width, s.depth) for w in interchange.unstack(weights)]
@@ -222,7 +225,8 @@ class TorchEnsembleOverProcesses:
         if optimizer:  # per-parameter state stacked over the members; step counts shared
             optimizer = {n: a[self.lo:self.hi] if np.ndim(a) else a
                          for n, a in optimizer.items()}
-        self.local = TorchEnsembleEngine(local, x, y, mine, optimizer, options, held_out)
+        self.local = TorchEnsembleEngine(local, x, y, mine, optimizer, options, held_out,
+                                         device=dev)
         self.gather = parallel.gather
         self.device = f"{self.local.device}, process {rank} of {world} (members " \
                       f"{self.lo}..{self.hi - 1})"

@@ -66,9 +66,13 @@ def environment() -> dict | None:
 def initialize(device: torch.device) -> int:
     """Join the processes of the environment (environment()); returns this one's rank. A
     CPU's threads are shared out among the processes on this machine."""
-    env = environment()
     if dist.is_initialized():
         return dist.get_rank()
+    env = environment()
+    if env is None:
+        raise UsageError("--devices: torch's processes meet through torch.distributed's "
+                         "environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start "
+                         "them with the train command or torchrun")
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_device(device))
@@ -82,6 +86,18 @@ def initialize(device: torch.device) -> int:
         raise UsageError(f"torch.distributed: could not join {env['WORLD_SIZE']} processes at "
                          f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} ({first})") from None
     return dist.get_rank()
+
+
+def check_count(device: torch.device, count: int) -> None:
+    """Refuse, before any process starts, more processes than there are devices: CUDA
+    devices on a GPU machine, cores on a CPU (each process needs one)."""
+    if device.type == "cuda":
+        have, what = torch.cuda.device_count(), "CUDA devices"
+    else:
+        have, what = os.cpu_count() or 1, "CPU cores"
+    if count > have:
+        raise UsageError(f"--devices {count}: torch runs one process a device, and this "
+                         f"machine has {have} {what}")
 
 
 def local_device(device: torch.device) -> torch.device:
