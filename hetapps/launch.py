@@ -29,6 +29,7 @@ from hetcore.errors import UsageError
 
 FAILURES = "HETAPPS_FAILURES"  # a launched worker's environment: where its failure goes
 RECORD = "HETAPPS_RECORD"  # ... and under which name
+LAUNCHER = "HETAPPS_LAUNCHER"  # ... and the launcher's pid, whose end ends the worker
 SUPERVISED = "HETAPPS_SUPERVISED"  # set in a jax process that supervise() started
 POLL_S = 0.05
 STOPPED = 128 + signal.SIGTERM  # the exit status of a worker stop() ended
@@ -82,11 +83,10 @@ def spawn(argv: list[str], count: int) -> int:
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
                        WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       **{FAILURES: records, RECORD: str(rank)})
+                       **{FAILURES: records, RECORD: str(rank), LAUNCHER: str(os.getpid())})
             quiet = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports
             procs.append(subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
-                                          env=env, stdout=quiet, stderr=quiet,
-                                          preexec_fn=_end_with_parent))
+                                          env=env, stdout=quiet, stderr=quiet))
         return _wait(procs, records)
     finally:
         _stop(procs)
@@ -111,8 +111,9 @@ def supervise(argv: list[str], process: int | None, count: int | None) -> int:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
                                     env=dict(os.environ, **{FAILURES: records, RECORD: "0",
-                                                            SUPERVISED: "1"}),
-                                    stderr=log, preexec_fn=_end_with_parent)
+                                                            SUPERVISED: "1",
+                                                            LAUNCHER: str(os.getpid())}),
+                                    stderr=log)
             code = proc.wait()
         if code == 0:
             return 0
@@ -142,16 +143,20 @@ def supervise(argv: list[str], process: int | None, count: int | None) -> int:
         shutil.rmtree(records, ignore_errors=True)
 
 
-def _end_with_parent() -> None:
-    """In a worker, before it starts: SIGTERM it if the launcher dies, even by SIGKILL,
-    which runs none of the launcher's own clean-up (Linux's PR_SET_PDEATHSIG; elsewhere a
-    worker whose launcher is killed outright finishes on its own)."""
+def _end_with_launcher() -> None:
+    """In a worker, first thing: SIGTERM it when the launcher dies, even by SIGKILL, which
+    runs none of the launcher's own clean-up (Linux's PR_SET_PDEATHSIG; elsewhere a worker
+    whose launcher is killed outright finishes on its own). Set here rather than between
+    fork and exec (subprocess's preexec_fn), which is unsafe in a process with threads, as
+    torch's and JAX's are; a launcher already gone by now ends the worker at once."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.environ.get(LAUNCHER) not in (None, str(os.getppid())):
+        os._exit(STOPPED)
 
 
 def _wait(procs: list[subprocess.Popen], records: str) -> int:
@@ -226,10 +231,20 @@ def _stopped(*_) -> None:
     os._exit(STOPPED)
 
 
+_joined = False  # this process joined others (joined())
+
+
+def joined() -> None:
+    """Say that this process has joined a run over several processes (finish ends it)."""
+    global _joined
+    _joined = True
+
+
 def finish(code: int) -> int:
-    """A launched worker's end: after a failure (its line already reported), at once, for
-    the reason of _stopped; otherwise the ordinary way."""
-    if code != 0 and FAILURES in os.environ:
+    """The end of one process of several (launched here, or torchrun's): after a failure
+    (its line already reported), at once, for the reason of _stopped; otherwise the
+    ordinary way (which leaves torch.distributed first)."""
+    if code != 0 and (FAILURES in os.environ or _joined):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -244,6 +259,7 @@ def reporter():
     if records is None:
         return None
     signal.signal(signal.SIGTERM, _stopped)
+    _end_with_launcher()
 
     def report(code: int, line: str) -> None:
         rank = os.environ.get(RECORD, "0")

@@ -283,6 +283,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     rank, processes = 0, 1
     for b in backends.values():  # (torch, about to start its workers: checks their count)
         rank, processes = b.join(settings, cluster)
+    if processes > 1:
+        launch.joined()
     devices = {n: b.resolve_device(settings.device) for n, b in backends.items()}
 
     def check_fits(n_points: int) -> None:
