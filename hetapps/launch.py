@@ -72,6 +72,31 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _start(argv: list[str], records: str, record: str, env: dict, **popen
+           ) -> subprocess.Popen:
+    """`python -m hetapps.train argv` as a worker of this launcher: its failure line goes
+    to `records` under `record`, and it ends with this process (_end_with_launcher)."""
+    env = dict(os.environ, **env, **{FAILURES: records, RECORD: record,
+                                     LAUNCHER: str(os.getpid())})
+    return subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv], env=env, **popen)
+
+
+def _record(records: str, record: str) -> dict | None:
+    """The failure a worker left ({code, line, time}), or None."""
+    try:
+        with open(os.path.join(records, f"{record}.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _ended(code: int) -> str:
+    """How a process that left no line ended, said after its name."""
+    if code < 0:
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exited with status {code} without a word"
+
+
 def spawn(argv: list[str], count: int) -> int:
     """Run `python -m hetapps.train argv` as `count` workers over localhost; returns the
     exit status (the run's one failure line printed here)."""
@@ -80,13 +105,11 @@ def spawn(argv: list[str], count: int) -> int:
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(count):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
-                       WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       **{FAILURES: records, RECORD: str(rank), LAUNCHER: str(os.getpid())})
+            env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(count),
+                       LOCAL_WORLD_SIZE=str(count), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
             quiet = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports
-            procs.append(subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
-                                          env=env, stdout=quiet, stderr=quiet))
+            procs.append(_start(argv, records, str(rank), env, stdout=quiet, stderr=quiet))
         return _wait(procs, records)
     finally:
         _stop(procs)
@@ -109,27 +132,19 @@ def supervise(argv: list[str], process: int | None, count: int | None) -> int:
     proc = None
     try:
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "hetapps.train", *argv],
-                                    env=dict(os.environ, **{FAILURES: records, RECORD: "0",
-                                                            SUPERVISED: "1",
-                                                            LAUNCHER: str(os.getpid())}),
-                                    stderr=log)
+            proc = _start(argv, records, "0", {SUPERVISED: "1"}, stderr=log)
             code = proc.wait()
         if code == 0:
             return 0
-        try:
-            with open(os.path.join(records, "0.json"), encoding="utf-8") as f:
-                left = json.load(f)
+        left = _record(records, "0")
+        if left is not None:
             print(left["line"], file=sys.stderr)
             return 2 if left["code"] == 2 else 1
-        except (OSError, ValueError):
-            pass
         kept = tempfile.NamedTemporaryFile(prefix="hetapps-jax-process-", suffix=".log",
                                            delete=False)
         with kept, open(log_path, "rb") as f:
             shutil.copyfileobj(f, kept)
-        how = (f"was ended by signal {-code} ({signal.Signals(-code).name})" if code < 0
-               else f"exited with status {code}")
+        how = _ended(code)
         if code == -signal.SIGABRT:
             how += ", as jax ends a process that lost contact with another"
         who = "" if process is None else f" {process}" + ("" if count is None else
@@ -185,20 +200,13 @@ def _first_failure(procs, records: str, first_seen: int, killed: set = frozenset
     leaving a line (a signal, a crash) is it, unless the launcher itself stopped it
     (`killed`: those it had to SIGKILL); else the earliest line left."""
     count = len(procs)
-    left = {}
-    for rank in range(count):
-        try:
-            with open(os.path.join(records, f"{rank}.json"), encoding="utf-8") as f:
-                left[rank] = json.load(f)
-        except (OSError, ValueError):
-            pass
+    left = {rank: r for rank in range(count) if (r := _record(records, str(rank)))}
     for rank in [first_seen] + list(range(count)):
         code = procs[rank].returncode
         if (code not in (None, 0, STOPPED, -signal.SIGTERM) and rank not in left
                 and rank not in killed):
-            how = (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0
-                   else f"exited with status {code} without a word")
-            return 1, f"error: torch process {rank} of {count} {how}; the run was stopped"
+            return 1, (f"error: torch process {rank} of {count} {_ended(code)}; the run was "
+                       "stopped")
     if not left:
         return 1, f"error: torch process {first_seen} of {count} failed; the run was stopped"
     rank = min(left, key=lambda r: left[r]["time"])

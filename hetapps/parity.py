@@ -169,20 +169,9 @@ def _grid_predictions(module, result, grid, device, mse: bool
                       ) -> tuple[np.ndarray, np.ndarray]:
     """mu and sigma of a run's final weights on the grid (an MSE run's sigma: its one
     value, the training residuals' RMS, driver.train's); an ensemble's: its members'
-    mixture (hetcore.metrics.mixture), each member's MSE sigma its own."""
-    if result.members is None:
-        mu, var, _ = module.predict(result.weights, grid, device)
-        if mse:
-            var = np.full_like(var, result.var[0])
-        return np.asarray(mu, np.float64)[:, 0], np.sqrt(np.asarray(var, np.float64)[:, 0])
-    mus, vars_ = [], []
-    for k, w in enumerate(interchange.unstack(result.weights)):
-        mu, var, _ = module.predict(w, grid, device)
-        mus.append(np.asarray(mu, np.float64)[:, 0])
-        vars_.append(np.full(grid.shape[0], float(result.members.var[k][0])) if mse
-                     else np.asarray(var, np.float64)[:, 0])
-    mix_mu, mix_var = metrics.mixture(np.stack(mus), np.stack(vars_))
-    return mix_mu, np.sqrt(mix_var)
+    mixture (of one model, the model itself, exactly)."""
+    mu, var = metrics.mixture(*driver.member_predictions(module, result, grid, device, mse))
+    return mu, np.sqrt(var)
 
 
 def _members(w: dict, ensemble: int) -> list[tuple[str, dict]]:

@@ -100,13 +100,10 @@ def extrapolation(backend, result: RunResult, settings: Settings, dataset: data.
     lo, hi = float(np.min(x)), float(np.max(x))
     pad = BEYOND * (hi - lo if hi > lo else 1.0)
     grid = np.linspace(lo - pad, hi + pad, GRID_POINTS)
-    mus, variances = [], []
-    for k, w in enumerate(interchange.unstack(result.weights)):
-        mu, var, _ = backend.predict(w, grid.astype(settings.dtype)[:, None], settings.device)
-        mus.append(np.asarray(mu, np.float64)[:, 0])
-        variances.append(np.full(grid.size, float(result.members.var[k][0]))
-                         if settings.loss == "mse" else np.asarray(var, np.float64)[:, 0])
-    mix = mixture(np.stack(mus), np.stack(variances))
+    mus, variances = driver.member_predictions(backend, result,
+                                               grid.astype(settings.dtype)[:, None],
+                                               settings.device, settings.loss == "mse")
+    mix = mixture(mus, variances)
     preds = {"mixture": (mix[0], np.sqrt(mix[1])), "member_0": (mus[0], np.sqrt(variances[0]))}
     truth = dataset.true_mean_at(grid)
     out = (grid < lo) | (grid > hi)

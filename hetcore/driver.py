@@ -229,6 +229,24 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
     )
 
 
+def member_predictions(backend: Backend, result: RunResult, x: np.ndarray, device: str,
+                       mse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """mu and var, (K, M) in float64, of each of a run's models (its one, or an ensemble's
+    K members) at new inputs x (M, 1); an MSE run's var is each model's one value, the
+    training residuals' mean square (_mse_sigma). Their Gaussian mixture is
+    hetcore.metrics.mixture of the two."""
+    one = result.members is None
+    weights = [result.weights] if one else interchange.unstack(result.weights)
+    mus, variances = [], []
+    for k, w in enumerate(weights):
+        mu, var, _ = backend.predict(w, x, device)
+        mus.append(np.asarray(mu, np.float64)[:, 0])
+        constant = result.var[0] if one else result.members.var[k][0]
+        variances.append(np.full(len(x), float(constant)) if mse
+                         else np.asarray(var, np.float64)[:, 0])
+    return np.stack(mus), np.stack(variances)
+
+
 def _mse_sigma(settings: Settings, y: np.ndarray, final) -> tuple[np.ndarray, Prediction | None]:
     """The final variance on the training and held-out data. An MSE run's variance head
     was never trained: its sigma is the training residuals' root mean square, the same at

@@ -46,7 +46,7 @@ from hetcore.schedule import chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
 from jaxhet import optim, parallel
-from jaxhet.device import describe, resolve_device, x64_tracing
+from jaxhet.device import x64_tracing
 from jaxhet.model import PRECISIONS, point_loss, training_loss
 from jaxhet.weights import put, to_state_dict
 
@@ -353,11 +353,8 @@ class JaxEngine:
             raise UsageError(f"unroll {options.unroll}: only the jax scan loop unrolls, not "
                              f"{self.loop}")
         dtype = settings.dtype
-        dev = resolve_device(settings.device)
-        self.device = describe(dev)
-        if settings.devices > 1:  # every array replicated on the mesh (jaxhet.parallel)
-            mesh = parallel.mesh(settings.device, settings.devices)
-            dev, self.device = parallel.replicated(mesh), parallel.describe_mesh(mesh)
+        # with --devices, every array replicated on the mesh (jaxhet.parallel)
+        dev, self.device = parallel.placement(settings)
         t0 = time.perf_counter()
         self.graphdef, params = put(weights, dtype, dev, PRECISIONS[options.matmul_precision],
                                     settings.width, settings.depth)

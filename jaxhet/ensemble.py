@@ -25,7 +25,6 @@ from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length
 from hetcore.settings import Settings
 from jaxhet import optim, parallel
-from jaxhet.device import describe, resolve_device
 from jaxhet.engine import (_predict, compile_once, epoch, epoch_config, opt_leaves,
                            predict_on, predict_programs, restore_opt_state, signature)
 from jaxhet.model import PRECISIONS
@@ -99,19 +98,16 @@ class JaxEnsembleEngine:
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
         self.loop = "scan"
         k, dtype = settings.ensemble, settings.dtype
-        dev = resolve_device(settings.device)
-        self.device, self.members = describe(dev), k
-        # Where the members' weights and optimiser states live, and where the data: with
-        # --devices N, the members' axis is split over a mesh (K / N members a device, no
-        # communication: the members never meet), the data replicated.
-        at = dev
-        if settings.devices > 1:
-            mesh = parallel.mesh(settings.device, settings.devices, parallel.MEMBERS)
-            if jax.process_count() > 1:
-                raise UsageError("--ensemble with --devices: the members are spread over one "
-                                 "process's devices; run an ensemble in one process")
-            at = NamedSharding(mesh, PartitionSpec(parallel.MEMBERS))
-            dev, self.device = parallel.replicated(mesh), parallel.describe_mesh(mesh)
+        self.members = k
+        # Where the data live (dev), and the members' weights and optimiser states (at):
+        # with --devices N, the members' axis is split over a mesh (K / N members a device,
+        # no communication: the members never meet), the data replicated.
+        if settings.devices > 1 and jax.process_count() > 1:
+            raise UsageError("--ensemble with --devices: the members are spread over one "
+                             "process's devices; run an ensemble in one process")
+        dev, self.device = parallel.placement(settings, parallel.MEMBERS)
+        at = dev if settings.devices == 1 else \
+            NamedSharding(dev.mesh, PartitionSpec(parallel.MEMBERS))
         t0 = time.perf_counter()
         puts = [put(w, dtype, dev, PRECISIONS[options.matmul_precision], settings.width,
                     settings.depth) for w in interchange.unstack(weights)]

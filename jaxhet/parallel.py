@@ -105,6 +105,11 @@ def describe_mesh(m: Mesh) -> str:
     return f"{describe(d[0])} and {len(d) - 1} more ({len(d)} devices{over})"
 
 
-def process_index() -> int:
-    """This process's index among the run's processes (0 writes the outputs)."""
-    return jax.process_index()
+def placement(settings, axis: str = AXIS):
+    """(where, description) of an engine's arrays: the device of --device, or with
+    --devices N the replicated sharding of a mesh over N devices along `axis`."""
+    if settings.devices == 1:
+        dev = resolve_device(settings.device)
+        return dev, describe(dev)
+    m = mesh(settings.device, settings.devices, axis)
+    return replicated(m), describe_mesh(m)

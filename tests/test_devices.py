@@ -308,7 +308,7 @@ def test_a_lost_jax_process_ends_the_other_with_one_line(tmp_path):
     lines = [err.strip() for _, err in outs]
     assert all(line.count("\n") == 0 for line in lines), lines
     assert lines[0].startswith("error: jax process 0 of 2 failed"), lines[0]
-    assert lines[1].startswith("error: jax process 1 of 2 was ended by signal 9"), lines[1]
+    assert lines[1].startswith("error: jax process 1 of 2 was killed by signal 9"), lines[1]
     log = lines[1].rsplit("its log: ", 1)[1].rstrip(")")
     assert os.path.isfile(log)
     os.remove(log)

@@ -29,7 +29,7 @@ from hetcore.backend import Chunk, EngineOptions, Final, Prediction
 from hetcore.errors import UsageError
 from hetcore.schedule import batch_sizes, chunk_length
 from hetcore.settings import Settings
-from torchhet import optim
+from torchhet import optim, parallel
 from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
 from torchhet.engine import _lecture_update, over_batches, refuse_unroll
 from torchhet.model import training_loss
@@ -214,8 +214,6 @@ class TorchEnsembleOverProcesses:
     def __init__(self, settings: Settings, x: np.ndarray, y: np.ndarray, weights: dict,
                  optimizer: dict | None = None, options: EngineOptions = EngineOptions(),
                  held_out: tuple[np.ndarray, np.ndarray] | None = None):
-        from torchhet import parallel
-
         dev = parallel.local_device(resolve_device(settings.device))
         rank, world = parallel.initialize(dev), settings.devices
         k = settings.ensemble
