@@ -20,10 +20,11 @@ SCHEDULES = ("constant", "cosine")
 # fastest. Named here so that settings are checked before either framework is imported.
 LOOPS = {"jax": ("scan", "step"),
          "torch": ("eager", "optim", "compile", "cudagraph", "reduce-overhead",
-                   "no-autograd")}
+                   "no-autograd", "compile-update")}
 # Loops without rematerialisation: torchhet's no-autograd writes its backward out and keeps
-# depth + 1 (N, width) blocks (torchhet/handgrad.py); --remat with it is refused here.
-NO_REMAT = ("no-autograd",)
+# depth + 1 (N, width) blocks (torchhet/handgrad.py), compile-update traces whole updates
+# (torchhet/whole.py); --remat with them is refused here.
+NO_REMAT = ("no-autograd", "compile-update")
 
 # The lecture's run.
 LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="float32")

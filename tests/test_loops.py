@@ -208,6 +208,13 @@ def test_defaults_are_loops_of_their_framework(small_state, small_data):
     assert tengine.default_loop("cpu", lecture.replace(batch_size=100), 500) == "eager"
     assert tengine.default_loop("cpu", lecture.replace(batch_size=500), 500) == "no-autograd"
     assert tengine.default_loop("cpu", lecture.replace(optimizer="adam"), 500) == "optim"
+    # a run long enough to repay compile-update's compiling takes it, on a CPU
+    long = lecture.replace(optimizer="adam", batch_size=250,
+                           epochs=-(-tengine.COMPILE_UPDATE_FROM // 80))
+    assert tengine.default_loop("cpu", long, 20_000) == "compile-update"
+    assert tengine.default_loop("cpu", long.replace(epochs=long.epochs - 1), 20_000) == "optim"
+    assert tengine.default_loop("cpu", long.replace(remat=True), 20_000) == "optim"
+    assert tengine.default_loop("cuda", long, 20_000) == "optim"
     assert tengine.default_loop("cuda", lecture, 500) == "cudagraph"
     assert tengine.default_loop("cuda", lecture.replace(momentum=0.5), 500) == "optim"
     # what a run with --loop auto records

@@ -77,6 +77,40 @@ def test_each_recipe_follows_the_float64_reference(fw, case, batch, problem):
         np.testing.assert_allclose(r.sigma, np.full(40, rms), rtol=1e-10)
 
 
+# torch's compile-update loop (whole updates traced into one graph, four a call) against
+# the same reference: batches of 7 of 40 points are five whole batches, a call of four and
+# one of one, and a shorter last batch (three graphs). (Its full batch, epochs four a call:
+# tests/test_loops.py.)
+COMPILED = {"adamw-cosine-beta-nll": (
+                dict(optimizer="adamw", lr=0.01, weight_decay=0.05, schedule="cosine",
+                     warmup_steps=7, lr_end=0.001, loss="beta-nll", beta=0.5),
+                dict(optimizer=reference.Optimizer("adamw", weight_decay=0.05),
+                     schedule="cosine", warmup=7, lr_end=0.001, kind="beta-nll", beta=0.5), 7),
+            "mse-adamw": (*CASES["mse-adamw"], 7)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(COMPILED))
+def test_compile_update_follows_the_float64_reference(case, problem):
+    state, x, y = problem
+    ours, theirs, batch = COMPILED[case]
+    ours = dict(ours)
+    theirs = {**theirs, "optimizer": _fresh(theirs.get("optimizer"))}
+    s = Settings(framework="torch", device="cpu", preset="none", width=16, n_points=40,
+                 dtype="float64", epochs=25, lr=ours.pop("lr", 0.05), batch_size=batch,
+                 shuffle_seed=4, chunk_epochs=6, loop="compile-update", **ours)
+    r = driver.train(tb, s, x, y, state)
+    assert r.loop == "compile-update"
+    history, final = reference.train(state, x, y, s.lr, s.epochs, batch_size=batch,
+                                     shuffle_seed=4, **theirs)
+    np.testing.assert_allclose(r.loss_history, history, rtol=0, atol=1e-10)
+    for n in final:
+        np.testing.assert_allclose(r.weights[n], final[n], rtol=0, atol=1e-10, err_msg=n)
+    if s.loss == "mse":
+        for n in VAR_HEAD:
+            np.testing.assert_array_equal(r.weights[n], state[n])
+
+
 def _fresh(opt):
     """A reference optimiser of the same law, without state (each test its own)."""
     if opt is None:
@@ -123,8 +157,11 @@ def test_a_mini_batch_epoch_visits_the_documented_order(fw, problem):
     assert not np.allclose(other.weights["mean_head.bias"], r.weights["mean_head.bias"])
 
 
-@pytest.mark.parametrize("fw", FRAMEWORKS, ids=["jax", "torch"])
-def test_resume_with_batches_and_adam_is_bit_for_bit(fw, problem, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fw,loop", [(jb, "auto"), (tb, "auto"),
+                                     pytest.param(tb, "compile-update", marks=pytest.mark.slow)],
+                         ids=["jax", "torch", "torch-compile-update"])
+def test_resume_with_batches_and_adam_is_bit_for_bit(fw, loop, problem, tmp_path,
+                                                      monkeypatch):
     # A run cut at its first checkpoint (epoch 8 of 20: Adam's moments and step count,
     # the schedule's position, the batch order of the epochs to come) and resumed from it
     # ends as the uninterrupted run, bit for bit.
@@ -132,7 +169,7 @@ def test_resume_with_batches_and_adam_is_bit_for_bit(fw, problem, tmp_path, monk
     s = Settings(framework=fw.NAME, device="cpu", preset="none", width=16, n_points=40,
                  dtype="float32", epochs=20, optimizer="adam", lr=0.01, schedule="cosine",
                  warmup_steps=6, batch_size=12, shuffle_seed=2, chunk_epochs=3,
-                 checkpoint_every=8)
+                 checkpoint_every=8, loop=loop)
     x, y, state = x.astype("float32"), y.astype("float32"), interchange.cast(state, "float32")
     whole = driver.train(fw, s, x, y, state)
     saved, real = [], checkpoint.save

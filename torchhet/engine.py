@@ -11,7 +11,10 @@ Loops, each a way to run the same SGD epoch:
 - `reduce-overhead` (CUDA only): `torch.compile(mode="reduce-overhead")`, Inductor's
   kernels replayed as CUDA graphs;
 - `no-autograd`: the backward pass written out as matrix products into buffers allocated
-  once, no autograd (torchhet/handgrad.py); not the lecture's rounding.
+  once, no autograd (torchhet/handgrad.py); not the lecture's rounding;
+- `compile-update`: whole updates (torch.func's gradient, torch.optim's functional step),
+  several batches a call, traced into one graph by `torch.compile` (torchhet/whole.py):
+  every optimiser and batch size, for mini-batch runs whose per-update overhead dominates.
 
 Each loop is a runner, `runner(n, losses)`: n epochs, their losses written into the device
 tensor `losses[:n]`, nothing read back to the host. Warm-up (compiling, capturing) happens
@@ -44,7 +47,7 @@ from hetcore.errors import UsageError
 from hetcore.schedule import batch_sizes, chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
-from torchhet import handgrad, optim, parallel
+from torchhet import handgrad, optim, parallel, whole
 from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
 from torchhet.model import point_loss, training_loss
 from torchhet.weights import DTYPES, put, to_state_dict
@@ -78,14 +81,27 @@ def unsupported(loop: str, settings: Settings, n_points: int) -> str | None:
         return "captures one full-batch epoch of plain SGD at a constant learning rate"
     if loop == "eager" and not plain:
         return "is the lecture's update, plain SGD without momentum"
+    if loop == "compile-update":
+        return whole.supports(settings)
     return None
+
+
+# compile-update against optim on the CPU (docs/performance.md, 2026-12-02): about 0.4 ms
+# saved an update on 2 cores (20,000 points, width 128, batches of 250, Adam: 43 ms an epoch
+# against 84 in the same run), for 10-30 s of compiling (cold; Inductor's cache on disk
+# makes a second run's a few seconds). It finishes first from about this many updates.
+COMPILE_UPDATE_FROM = 60_000
 
 
 def default_loop(device_type: str, settings: Settings, n_points: int) -> str:
     """The loop that finishes a run soonest, warm-up included, among those that run the
-    settings (the same at every run length on the devices measured)."""
+    settings: on a CPU, compile-update for runs of COMPILE_UPDATE_FROM updates or more that
+    no-autograd does not run, else the same loop at every run length on the devices
+    measured."""
+    long_run = settings.epochs * settings.batches(n_points) >= COMPILE_UPDATE_FROM
     order = (() if settings.devices > 1 else ("cudagraph",) if device_type == "cuda" else
-             () if settings.remat else ("no-autograd",)) + ("eager", "optim")
+             () if settings.remat else ("no-autograd",) + (
+                 ("compile-update",) if long_run else ())) + ("eager", "optim")
     return next(loop for loop in order if unsupported(loop, settings, n_points) is None)
 
 
@@ -176,12 +192,16 @@ class Runner:
     returning its loss on the device (None for the loops that only run full batches);
     run(count, losses, start): `count` full-batch epochs from epoch `start`, their losses
     written into the device tensor losses[:count]; opt: the torch.optim optimiser, if the
-    loop has one; warmup_s: compiling or capturing, before the first epoch."""
+    loop has one; warmup_s: compiling or capturing, before the first epoch; batches(xe, ye,
+    t): a loop's own way through an epoch's batches (the points gathered in the epoch's
+    order, from update t), returning their losses, one a batch (None: step, batch by
+    batch)."""
 
     run: Callable
     step: Callable | None = None
     opt: torch.optim.Optimizer | None = None
     warmup_s: float = 0.0
+    batches: Callable | None = None
 
 
 def _same(value):
@@ -209,6 +229,9 @@ def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None
     if loop == "no-autograd":  # remat refused with the settings (hetcore.settings.NO_REMAT)
         epochs = handgrad.make_runner(model, x, y, lr, full)
         return Runner(lambda count, losses, start: epochs(count, losses))
+    if loop == "compile-update":
+        _allow_recompiles()
+        return Runner(*whole.make(model, x, y, settings, n_points))
     params = list(model.parameters())
     schedule = optim.Schedule(settings, n_points)
     t0 = time.perf_counter()
@@ -389,6 +412,9 @@ class TorchEngine:
         idx = torch.from_numpy(np.asarray(order, np.int64)).to(self._dev)
         xe, ye = self.x.index_select(0, idx), self.y.index_select(0, idx)  # gathered once
         t = e * len(self.sizes)
+        if check is None and self.runner.batches is not None:
+            values = self.runner.batches(xe, ye, t)  # summed below as every loop's are
+            return over_batches(self.sizes, lambda start, size, b: values[b])
         return over_batches(self.sizes, lambda start, size, b: self.runner.step(
             xe[start:start + size], ye[start:start + size], t + b), check)
 
