@@ -364,3 +364,34 @@ def test_a_recipe_is_benchmarked_as_the_train_command_runs_it(tmp_path, capsys):
         "calibrated", "adamw", 16, 12)
     assert report["agreement"]["ok"]
     assert all(v["peak_bytes"] for v in report["variants"])
+
+
+@pytest.mark.slow
+def test_the_data_parallel_workload_times_the_train_command(tmp_path, capsys):
+    """The train command at 1 and 2 devices (JAX host devices, torch processes), each held
+    to its framework's one-device run; a count the train command refuses (torch: more
+    processes than cores) is skipped with its line, not failed."""
+    cores = os.cpu_count() or 1
+    code, out = _run(tmp_path, "--data-parallel", f"1,2,{cores + 1}", "--variants",
+                     "jax:scan,torch:optim", "--repeats", "1", "--epochs", "4")
+    report = json.loads((out / "bench.json").read_text())
+    assert code == 0, (capsys.readouterr().err, [v.get("error") for v in report["variants"]])
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["jax:devices=1", "jax:devices=2", f"jax:devices={cores + 1}",
+                     "torch:devices=1", "torch:devices=2"]
+    dp = report["data_parallel"]
+    assert dp["skipped"] == [f"torch:devices={cores + 1}: --devices {cores + 1}: torch runs "
+                             f"one process a device, and this machine has {cores} CPU cores"]
+    assert set(dp["speedup_over_one_device"]) == {"jax", "torch"}
+    for v in report["variants"]:
+        assert set(v["wall_s"]) == {"4", "8"} and v["check"]["float32_max_gap"] <= rep.CHECK_ATOL
+        assert "floor_over_time" in v
+    assert report["agreement"]["ok"]
+
+
+def test_the_data_parallel_workload_refuses_bad_counts(capsys):
+    for counts, why in (("2,4", "needs 1"), ("1,0", "positive"), ("1,99999", "at most")):
+        assert command.main([*TINY, "--data-parallel", counts]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --data-parallel") and why in err, err
+        assert err.count("\n") == 1

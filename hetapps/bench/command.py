@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from hetapps import options
+from hetapps.bench import devices as dv
 from hetapps.bench import report as rep
 from hetapps.bench import sweep as sw
 from hetapps.bench.memory import variant_memory
@@ -21,7 +22,7 @@ from hetapps.bench.variants import Framework, select
 from hetcore import hostmem
 from hetcore.errors import UsageError
 from hetcore.outputs import write_json
-from hetcore.settings import BACKENDS
+from hetcore.settings import BACKENDS, MAX_DEVICES
 
 ENV_KEYS = ("HET_HOST_MALLOC", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
             "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jax scan unroll; a comma-separated list times scan at each (default: "
                    "1, jaxhet's own)")
     p.add_argument("--sweep", action="store_true", help="run the scaling sweep instead")
+    p.add_argument("--data-parallel", metavar="COUNTS", default=None,
+                   help="time the train command with --devices at each of these counts "
+                   "(e.g. 1,2,4) instead of the loops, at --epochs and twice as many; the "
+                   "frameworks are those --variants names")
     p.add_argument("--points", default="500,5000,50000,500000,1000000",
                    help="sweep point counts (comma-separated)")
     p.add_argument("--widths", default="64,256,1024,4096", help="sweep widths")
@@ -111,6 +116,17 @@ def check_args(args) -> None:
     if args.sweep:
         _ints(args.points, "--points")
         _ints(args.widths, "--widths")
+    if args.data_parallel is not None:
+        counts = _ints(args.data_parallel, "--data-parallel")
+        if args.sweep:
+            raise UsageError("--data-parallel: times the train command, not the sweep; drop "
+                             "one of them")
+        if max(counts) > MAX_DEVICES:
+            raise UsageError(f"--data-parallel: at most {MAX_DEVICES} devices, got "
+                             f"{max(counts)}")
+        if 1 not in counts:
+            raise UsageError(f"--data-parallel {args.data_parallel}: needs 1 (the run the "
+                             "others are checked against)")
 
 
 def load_frameworks(device: str, threads: int, wanted: set) -> dict[str, Framework]:
@@ -223,22 +239,31 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
                                          else f", batches of {batch}"))
     else:
         flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
-    log(f"  {flops / 1e6:.1f} MFLOP per epoch; timing {len(variants)} variants x "
-        f"{args.repeats} runs of {base.epochs} epochs")
-    rows = time_variants(variants, w, x, y, base, args.repeats, log, settle)
-    for v, r in zip(variants, rows):
-        if "error" not in r and v.fw is not None:
-            try:
-                r.update(variant_memory(v, w, x, y, base))
-            except Exception as e:  # noqa: BLE001 - memory is reported, not required
-                r["memory_error"] = short(e)
+    stable = base.plain_sgd and base.full_batch(len(x))
+    f64, skipped = None, []
+    if args.data_parallel is not None:
+        counts = _ints(args.data_parallel, "--data-parallel")
+        log(f"  {flops / 1e6:.1f} MFLOP per epoch; the train command at --devices "
+            f"{args.data_parallel}, {base.epochs} and {2 * base.epochs} epochs, best of "
+            f"{args.repeats}")
+        rows, skipped = dv.time_devices(options.given(args), fws, kind, counts,
+                                        base.epochs, args.repeats, log)
+        agree = dv.agreement(rows, stable)
+    else:
+        log(f"  {flops / 1e6:.1f} MFLOP per epoch; timing {len(variants)} variants x "
+            f"{args.repeats} runs of {base.epochs} epochs")
+        rows = time_variants(variants, w, x, y, base, args.repeats, log, settle)
+        for v, r in zip(variants, rows):
+            if "error" not in r and v.fw is not None:
+                try:
+                    r.update(variant_memory(v, w, x, y, base))
+                except Exception as e:  # noqa: BLE001 - memory is reported, not required
+                    r["memory_error"] = short(e)
+        if args.check == "float64":
+            log("  float64 check runs ...")
+            f64 = float64_finals(variants, w, x, y, base, log)
+        agree = rep.agreement(rows, rep.CHECK_EPOCHS, f64, stable=stable)
     rep.fill_rates(rows, flops, refs)
-    f64 = None
-    if args.check == "float64":
-        log("  float64 check runs ...")
-        f64 = float64_finals(variants, w, x, y, base, log)
-    agree = rep.agreement(rows, rep.CHECK_EPOCHS, f64,
-                          stable=base.plain_sgd and base.full_batch(len(x)))
     refs["peak_after"] = peak_again(fws, refs["peak"], max(args.repeats, 5), settle)
     fastest = {}
     for fw in fws:
@@ -265,6 +290,10 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         "flops_per_epoch": flops, "flops_source": flops_source,
         "repeats": args.repeats, "variants": rows, "agreement": agree, "fastest": fastest,
         "ensemble_speedup_over_singles": speedup,
+        **({} if args.data_parallel is None else {
+            "data_parallel": {"counts": _ints(args.data_parallel, "--data-parallel"),
+                              "skipped": skipped, "speedup_over_one_device":
+                              dv.speedups(rows), "method": dv.METHOD}}),
         "machine_load": {"start": load_start, "end": _load(), "threads": threads,
                          "note": "1-minute load averages; above the thread count the machine "
                          "was shared and every time is inflated (torch's OpenMP barriers "

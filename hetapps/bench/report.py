@@ -15,6 +15,12 @@ F64_RTOL = 1e-6  # float64 final losses (the frameworks agree to ~3e-7 over the 
 # grows about a thousandfold in that first epoch (measured, 80 Adam updates: float64 6e-14,
 # float32 1.3e-4), so float32 cannot judge the updates there and float64 can.
 UNSTABLE_EPOCHS = {"float32": 1, "float64": 2}
+# ... and float32's epoch-0 loss there is the mean over that epoch's batches, 79 of them
+# after an update: two right loops parted by 1.3e-4 (torch's fused Adam against optax's)
+# and 3.4e-4 (torch's foreach Adam, compiled, against optax's) on 20,000 points in batches
+# of 250, so it is held to 1e-3, which still catches a wrong forward pass or loss; a wrong
+# update fails the float64 check (a 1% wrong learning rate: tests/test_bench.py).
+UNSTABLE_F32_ATOL = 1e-3
 F64_EARLY_RTOL = 1e-9  # float64 losses there (rounding: ~1e-13; a wrong update: >1e-4)
 DRIFT_WARN = 0.10  # peak before and after the variants further apart: flagged in the table
 
@@ -35,6 +41,7 @@ def agreement(rows: list[dict], check_epochs: int, f64: dict | None,
     failures = []
     k = min(check_epochs if stable else UNSTABLE_EPOCHS["float32"], len(ref["history"]))
     k64 = UNSTABLE_EPOCHS["float64"]
+    atol = CHECK_ATOL if stable else UNSTABLE_F32_ATOL
     for r in rows:
         if "error" in r:
             failures.append(f"{r['name']}: did not run ({r['error']})")
@@ -42,9 +49,9 @@ def agreement(rows: list[dict], check_epochs: int, f64: dict | None,
         gap = float(np.max(np.abs(np.asarray(r["history"][:k], np.float64)
                                   - np.asarray(ref["history"][:k], np.float64))))
         r["check"] = {"float32_epochs": k, "float32_max_gap": gap}
-        if not math.isfinite(r["final_loss"]) or not gap <= CHECK_ATOL:
+        if not math.isfinite(r["final_loss"]) or not gap <= atol:
             failures.append(f"{r['name']}: float32 losses of the first {k} epochs differ from "
-                            f"{ref['name']}'s by up to {gap:.3g} (allowed {CHECK_ATOL:g})")
+                            f"{ref['name']}'s by up to {gap:.3g} (allowed {atol:g})")
         if f64 is None or r["name"] not in f64:
             continue
         final, history = f64[r["name"]]
@@ -63,7 +70,7 @@ def agreement(rows: list[dict], check_epochs: int, f64: dict | None,
                                 f"from {ref['name']}'s by up to {gap64:.3g} (allowed rtol "
                                 f"{F64_EARLY_RTOL:g})")
     return {"ok": not failures, "reference": ref["name"], "float32_epochs": k,
-            "float32_atol": CHECK_ATOL, "float64_rtol": F64_RTOL if f64 is not None else None,
+            "float32_atol": atol, "float64_rtol": F64_RTOL if f64 is not None else None,
             "float64": None if f64 is None else
             (f"final losses within rtol {F64_RTOL:g}" if stable else
              f"losses of the first {k64} epochs within rtol "
@@ -82,6 +89,11 @@ def fill_rates(rows: list[dict], flops: float, refs: dict) -> None:
         r["fraction_of_peak"] = r["gflops"] / peak
         r["fraction_of_peak_best"] = flops / (best * 1e-3) / 1e9 / peak
         r["floor_over_time"] = floor_ms / med
+        # against its own library's products (XLA's for JAX, torch's for torch): what the
+        # loop leaves on the table, apart from how fast the library multiplies
+        own = refs["floor"].get(r["framework"])
+        if isinstance(own, dict) and "ms" in own:
+            r["own_floor_over_time"] = own["ms"] / med
 
 
 def table(report: dict) -> str:
@@ -105,8 +117,8 @@ def table(report: dict) -> str:
         *drift_line(refs.get("peak_after")),
         "",
         f"{'variant':24s} {'compile s':>9s} {'ms/epoch median [min, max]':>28s} {'GFLOP/s':>8s} "
-        f"{'% peak':>7s} {'floor/t':>7s} {'peak MiB':>9s} {'act MiB':>8s} {'final loss':>11s} "
-        f"{'run s':>7s}",
+        f"{'% peak':>7s} {'floor/t':>7s} {'own/t':>7s} {'peak MiB':>9s} {'act MiB':>8s} "
+        f"{'final loss':>11s} {'run s':>7s}",
     ]
     for r in report["variants"]:
         if "error" in r:
@@ -120,6 +132,7 @@ def table(report: dict) -> str:
             f"{m['median']:9.3f} [{m['min']:7.3f}, {m['max']:7.3f}] "
             f"{r['gflops']:8.1f} {100 * r['fraction_of_peak']:6.1f}% "
             f"{100 * r['floor_over_time']:6.1f}% "
+            f"{100 * r.get('own_floor_over_time', float('nan')):6.1f}% "
             f"{(mem / 2**20 if mem else float('nan')):9.2f} "
             f"{(act / 2**20 if act is not None else float('nan')):8.2f} "
             f"{r['final_loss']:11.6f} {r['run_s']:7.2f}")

@@ -18,7 +18,7 @@ from hetcore.settings import LOOPS, NO_REMAT, Settings
 
 # Variants per device kind, in report order; the CUDA-only torch loops join on a GPU.
 CPU_VARIANTS = ("jax:scan", "jax:step", "torch:eager", "torch:optim", "torch:compile",
-                "torch:no-autograd")
+                "torch:no-autograd", "torch:compile-update")
 CUDA_ONLY = ("torch:cudagraph", "torch:reduce-overhead")
 GPU_VARIANTS = CPU_VARIANTS + CUDA_ONLY
 # With --ensemble K: each framework's ensemble program (JAX's also with each way of running
