@@ -6,7 +6,8 @@
 #
 # Needs python with jax (CUDA), flax, optax, torch (CUDA), numpy, safetensors, matplotlib.
 # Writes $OUT/gpu-bench.tgz holding env.txt (nvidia-smi, versions), bench/ (bench.json,
-# bench.txt, bench.{png,svg}: every loop on the lecture workload), train/ (the train
+# bench.txt, bench.{png,svg}: every loop on the lecture workload), minibatch/, ensemble/,
+# devices/ (the same for the mini-batch, ensemble and data-parallel workloads), train/ (the
 # command at 500 and 1000 epochs: time per epoch from the difference), sweep/ (sweep.json,
 # sweep.{png,svg}), the GPU parity suite's log, and a log of each step; beside it steps.log
 # and bench.txt. A failing step does not stop the others; the exit status is the first
@@ -17,11 +18,13 @@
 # leaves what it measured:
 # - the archive is rewritten after every step (and the sweep saves sweep.json after every
 #   point);
-# - BUDGET_S (default 540) bounds the whole script; each step also has its own cap
-#   (BENCH_S 240, TRAIN_S 60 each run, SWEEP_S 200, PARITY_S 180) and gets at most what the
-#   budget has left; a step with under MIN_STEP_S (default 20) left is skipped and logged;
-# - STEPS picks the steps, in order (default "bench train sweep parity"); two calls on one
-#   machine can split them, e.g. STEPS="bench train" then STEPS="sweep parity".
+# - BUDGET_S (default 480: one call of 8 minutes) bounds the whole script; each step also
+#   has its own cap (BENCH_S 110, MINIBATCH_S 60, ENSEMBLE_S 45, DEVICES_S 45, TRAIN_S 20
+#   each run, SWEEP_S 80, PARITY_S 120) and gets at most what the budget has left; a step
+#   with under MIN_STEP_S (default 20) left is skipped and logged;
+# - STEPS picks the steps, in order (default "bench minibatch ensemble devices train sweep
+#   parity"); two calls on one machine can split them, e.g. STEPS="bench minibatch
+#   ensemble devices" then STEPS="train sweep parity".
 # Only a few files are wanted back from a remote machine, so OUT receives one archive of
 # everything, the step log and the benchmark table.
 #
@@ -31,8 +34,8 @@ set -u
 FINAL="${OUT:-runs/gpu-bench}"
 DEVICE="${GPU_BENCH_DEVICE:-gpu}"
 QUICK="${GPU_BENCH_QUICK:-0}"
-STEPS="${STEPS:-bench train sweep parity}"
-BUDGET_S="${BUDGET_S:-540}"
+STEPS="${STEPS:-bench minibatch ensemble devices train sweep parity}"
+BUDGET_S="${BUDGET_S:-480}"
 MIN_STEP_S="${MIN_STEP_S:-20}"
 WORK="$(mktemp -d /tmp/gpu-bench.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT  # everything is in the archive by then
@@ -52,6 +55,11 @@ if [ "$QUICK" = 1 ]; then
   SWEEP_ARGS=(--variants jax:scan,torch:eager --points 64,128 --widths 16 --repeat-seconds 0.01
               --peak-size 256)
   PARITY_TARGET=parity_tests/test_criterion.py
+  TINY=(--preset none --n-points 64 --width 8 --epochs 4 --chunk-epochs 2 --repeats 1
+        --peak-size 256 --check float32)
+  MINIBATCH_ARGS=("${TINY[@]}" --batch-size 16 --optimizer adam --variants jax:scan,torch:optim)
+  ENSEMBLE_ARGS=("${TINY[@]}" --ensemble 2 --variants jax:ensemble,torch:ensemble)
+  DEVICES_ARGS=("${TINY[@]}" --data-parallel 1,2 --variants jax:scan)
 else
   BENCH_ARGS=()
   EPOCHS=(500 1000)
@@ -65,6 +73,14 @@ else
   SWEEP_ARGS=(--variants "$SWEEP_VARIANTS" --remat --repeat-seconds 0.1
               --points 500,10000,100000,1000000 --widths 64,512,4096)
   PARITY_TARGET=parity_tests
+  # The workloads beyond the lecture's, each against its own floor (docs/performance.md)
+  MINIBATCH_ARGS=(--preset none --n-points 20000 --width 128 --batch-size 250 --optimizer adam
+                  --epochs 10 --chunk-epochs 10 --repeats 3)
+  ENSEMBLE_ARGS=(--preset none --n-points 500 --width 64 --ensemble 16 --epochs 200
+                 --repeats 3)
+  # 1, 2 and 4 devices where there are as many (counts the train command refuses, more
+  # devices than the machine has, are skipped and named)
+  DEVICES_ARGS=(--data-parallel 1,2,4 --epochs 500 --repeats 2 --variants jax:scan,torch:optim)
 fi
 
 status=0
@@ -118,25 +134,34 @@ archive
 for s in $STEPS; do
   case $s in
     bench)  # every loop on the lecture workload (true float32), float64 agreement included
-      step bench "${BENCH_S:-240}" "$PY" scripts/bench.py --device "$DEVICE" \
+      step bench "${BENCH_S:-110}" "$PY" scripts/bench.py --device "$DEVICE" \
         ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --out "$WORK/bench" ;;
+    minibatch)  # 20,000 points in batches of 250 with Adam: every loop, against its floor
+      step minibatch "${MINIBATCH_S:-60}" "$PY" scripts/bench.py --device "$DEVICE" \
+        "${MINIBATCH_ARGS[@]}" --out "$WORK/minibatch" ;;
+    ensemble)  # 16 members at width 64: the ensemble programs against 16 single runs
+      step ensemble "${ENSEMBLE_S:-45}" "$PY" scripts/bench.py --device "$DEVICE" \
+        "${ENSEMBLE_ARGS[@]}" --out "$WORK/ensemble" ;;
+    devices)  # the train command on 1, 2, 4 devices
+      step devices "${DEVICES_S:-45}" "$PY" scripts/bench.py --device "$DEVICE" \
+        "${DEVICES_ARGS[@]}" --out "$WORK/devices" ;;
     train)  # the train command as the issue's check times it: two epoch counts, default loops
       for fw in jax torch; do
         for e in "${EPOCHS[@]}"; do
-          step "train-$fw-$e" "${TRAIN_S:-60}" "$PY" scripts/train.py --framework "$fw" \
+          step "train-$fw-$e" "${TRAIN_S:-20}" "$PY" scripts/train.py --framework "$fw" \
             --device "$DEVICE" --epochs "$e" --no-progress --overwrite --out "$WORK/train/$fw-$e"
         done
       done ;;
     sweep)  # the platform allocator hands JAX's memory back after each program, so that
             # torch's points are not starved by JAX's pool (and the other way round)
-      step sweep "${SWEEP_S:-200}" env XLA_PYTHON_CLIENT_ALLOCATOR=platform "$PY" \
+      step sweep "${SWEEP_S:-80}" env XLA_PYTHON_CLIENT_ALLOCATOR=platform "$PY" \
         scripts/bench.py --device "$DEVICE" --sweep --repeats 5 "${SWEEP_ARGS[@]}" \
         --out "$WORK/sweep" ;;
     parity)  # the parity suite on the device; its log says what passed
-      step parity "${PARITY_S:-180}" env HET_DEVICE="$DEVICE" "$PY" -m pytest -v -rfE \
+      step parity "${PARITY_S:-120}" env HET_DEVICE="$DEVICE" "$PY" -m pytest -v -rfE \
         -p no:cacheprovider --continue-on-collection-errors --junitxml="$WORK/parity.xml" \
         "$PARITY_TARGET" ;;
-    *) echo "== $s: unknown step (bench, train, sweep, parity)" | tee -a "$WORK/steps.log"
+    *) echo "== $s: unknown step (bench, minibatch, ensemble, devices, train, sweep, parity)" | tee -a "$WORK/steps.log"
        fail 2 ;;
   esac
 done

@@ -43,18 +43,21 @@ def test_every_step_lands_in_the_archive(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     names = _names(out)
     for name in ("env.txt", "steps.log", "bench/bench.json", "bench/bench.txt",
+                 "minibatch/bench.json", "ensemble/bench.json", "devices/bench.json",
                  "sweep/sweep.json", "parity.log",
                  *(f"train/{fw}-{e}/metrics.json" for fw in ("jax", "torch") for e in (20, 40))):
         assert name in names, name
     assert json.loads(_read(out, "sweep/sweep.json"))["complete"] is True
-    assert json.loads(_read(out, "bench/bench.json"))["agreement"]["ok"]
+    for workload in ("bench", "minibatch", "ensemble", "devices"):
+        assert json.loads(_read(out, f"{workload}/bench.json"))["agreement"]["ok"], workload
+    assert json.loads(_read(out, "devices/bench.json"))["data_parallel"]["counts"] == [1, 2]
     parity = _read(out, "parity.log")
     assert " passed" in parity and "PASSED" in parity and "parity.xml" in parity
     steps = (out / "steps.log").read_text()
-    for step in ("bench", "train-jax-20", "train-jax-40", "train-torch-20", "train-torch-40",
-                 "sweep", "parity"):
+    for step in ("bench", "minibatch", "ensemble", "devices", "train-jax-20", "train-jax-40",
+                 "train-torch-20", "train-torch-40", "sweep", "parity"):
         assert f"== {step} (at most" in steps, step
-    assert steps.count("exit 0 after") == 7 and "skipped" not in steps
+    assert steps.count("exit 0 after") == 10 and "skipped" not in steps
     assert (out / "bench.txt").read_text().startswith("device:")
     assert not list(out.glob("*.part"))
 
