@@ -32,6 +32,9 @@ MAX_EPOCHS = 10**7  # a loss history of 80 MB; more is refused before any work
 MAX_ENSEMBLE = 4096  # members trained together; each is a whole model in memory
 MAX_DEVICES = 4096  # data-parallel devices (or processes); more than any machine has
 DEVICE_LOOPS = {"jax": ("scan",), "torch": ("eager", "optim")}  # the loops that shard
+# The loops an ensemble's program has: its own (auto), JAX's scan, torch's compiled one
+ENSEMBLE_LOOPS = {"jax": ("auto", "scan"), "torch": ("auto", "compile-update"),
+                  "both": ("auto",)}
 
 # Recipes: named defaults for the training options (the fields of RECIPE_FIELDS); an option
 # given explicitly overrides the recipe's, and a recipe's default for an option that does
@@ -321,9 +324,10 @@ def validate(s: Settings) -> None:
     _check_int("--ensemble", s.ensemble, 1)
     if s.ensemble > MAX_ENSEMBLE:
         raise UsageError(f"--ensemble: at most {MAX_ENSEMBLE} members, got {s.ensemble}")
-    if s.ensemble > 1 and s.loop not in ("auto", "scan"):
+    if s.ensemble > 1 and s.loop not in ENSEMBLE_LOOPS[s.framework]:
         raise UsageError(f"--ensemble: members train in one vmapped program (jax scan, torch "
-                         f"torch.func); --loop {s.loop} trains one model")
+                         f"torch.func, or compiled: compile-update); --loop {s.loop} trains "
+                         "one model")
     if s.ensemble > 1 and s.remat:
         raise UsageError("--ensemble: --remat is for one model's activations; drop it")
     _check_devices(s)

@@ -49,6 +49,31 @@ def test_member_k_is_its_single_run(framework, recipe):
     np.testing.assert_array_equal(r.loss_history, r.member_losses.mean(axis=1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sgd", "adamw-cosine-batches"])
+def test_torch_compiled_ensemble_trains_the_torch_func_run(recipe):
+    # --loop compile-update: the members' updates compiled whole (torchhet/whole.py), the
+    # same run as torch.func's program to float64 rounding: full batches four epochs a
+    # call, and batches of 7 of 40 points (a call of four, one of one, a shorter last one).
+    options = {"sgd": {}, "adamw-cosine-batches": dict(
+        optimizer="adamw", lr=0.01, weight_decay=0.05, schedule="cosine", warmup_steps=5,
+        batch_size=7)}[recipe]
+    backend = registry.backend("torch")
+    x, y = data.synthetic(40, 5).columns("float64")
+    w = interchange.stack([interchange.draw_initial(16, 2, "float64", seed=3 + k)
+                           for k in range(3)])
+    s = Settings(framework="torch", device="cpu", preset="none", width=16, n_points=40,
+                 dtype="float64", epochs=9, chunk_epochs=4, ensemble=3,
+                 **{"lr": 0.05, **options})
+    ref = driver.train(backend, s, x, y, w)
+    r = driver.train(backend, s.replace(loop="compile-update"), x, y, w)
+    assert (ref.loop, r.loop) == ("func", "compile-update")
+    np.testing.assert_allclose(r.member_losses, ref.member_losses, rtol=0, atol=1e-12)
+    for n in ref.weights:
+        np.testing.assert_allclose(r.weights[n], ref.weights[n], rtol=0, atol=1e-12,
+                                   err_msg=n)
+
+
 def test_the_train_command_writes_an_ensemble(tmp_path):
     out = tmp_path / "ens"
     argv = ["--preset", "none", "--seed", "2", "--width", "16", "--epochs", "60",

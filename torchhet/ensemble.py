@@ -29,9 +29,9 @@ from hetcore.backend import Chunk, EngineOptions, Final, Prediction
 from hetcore.errors import UsageError
 from hetcore.schedule import batch_sizes, chunk_length
 from hetcore.settings import Settings
-from torchhet import optim, parallel
+from torchhet import optim, parallel, whole
 from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
-from torchhet.engine import _lecture_update, over_batches, refuse_unroll
+from torchhet.engine import _lecture_update, over_batches, refuse_unroll, repays_compiling
 from torchhet.model import training_loss
 from torchhet.weights import DTYPES, put
 
@@ -73,6 +73,17 @@ class TorchEnsembleEngine:
         self.sizes = batch_sizes(n, None if s.full_batch(n) else s.batch_size)
         self.schedule = optim.Schedule(s, n)
         self.opt = None if s.plain_sgd else optim.make(s, self.leaves, dev)
+        self.compiled = None
+        if s.loop == "compile-update" or (s.loop == "auto" and s.devices == 1 and
+                                          repays_compiling(dev.type, s, n)):
+            # the members' updates compiled whole (whole.py)
+            trained, fixed = whole.split(self.params, s.loss)
+            self.opt = optim.make(s, [self.params[n] for n in trained], dev)
+            self.compiled = whole.Updates(
+                self._value(trained, fixed), [self.params[n].detach() for n in trained],
+                [self.params[n].detach() for n in fixed], self.opt, s, n,
+                self.members * self.sizes[0], dim=1)
+            self.loop = "compile-update"
         if optimizer:  # a checkpoint's: every member's, stacked
             if self.opt is None:
                 raise UsageError(f"--resume: optimizer state has {len(optimizer)} tensors, "
@@ -84,7 +95,27 @@ class TorchEnsembleEngine:
                                  f"{s.optimizer} ({e})") from None
         self.length = chunk_length(s.epochs, s.chunk_epochs, s.checkpoint_every)
         self.losses = torch.empty(self.length, self.members, dtype=DTYPES[s.dtype], device=dev)
+        if self.compiled is not None:
+            stand_in = self.x if s.full_batch(n) else self.x[None].repeat(self.members, 1, 1)
+            self.compiled.warm(whole.warm_calls(stand_in, stand_in, s, self.sizes, dim=1))
         self.compile_s = time.perf_counter() - t0
+
+    def _value(self, trained: list[str], fixed: list[str]):
+        """The compiled update's value (whole.Updates): the sum of the members' losses, and
+        the (K,) losses, on a batch shared by every member or one of each member's own."""
+        s = self.settings
+
+        def member(p, xs, ys):
+            mu, var = functional_call(self.base, p, (xs,))
+            return training_loss(s.loss, mu, var, ys, s.full, s.beta)
+
+        def value(ps, qs, xb, yb, same):
+            weights = {**dict(zip(trained, ps)), **dict(zip(fixed, qs))}
+            losses = vmap(member, in_dims=(0, None, None) if same else (0, 0, 0))(
+                weights, xb, yb)
+            return losses.sum(), losses
+
+        return value
 
     def _losses(self, xb, yb, shared: bool) -> torch.Tensor:
         """(K,) each member's loss on its batch (xb, yb: (K, B, 1), or (B, 1) shared)."""
@@ -99,6 +130,8 @@ class TorchEnsembleEngine:
 
     def _step(self, xb, yb, t: int, shared: bool) -> torch.Tensor:
         """Update t of every member on its batch; returns the (K,) losses before it."""
+        if self.compiled is not None:
+            return self.compiled(xb, yb, t, xb.shape[-2], 1, shared)[0]
         for p in self.leaves:
             p.grad = None
         values = self._losses(xb, yb, shared)
@@ -123,6 +156,9 @@ class TorchEnsembleEngine:
             return values
         idx = torch.from_numpy(np.asarray(order, np.int64)).to(self._dev)  # (K, N)
         xe, ye = self.x[idx], self.y[idx]  # (K, N, 1), gathered once
+        if self.compiled is not None and check is None:
+            values = whole.through_batches(self.compiled, xe, ye, t, self.sizes, dim=1)
+            return over_batches(self.sizes, lambda start, size, b: values[b])
         return over_batches(self.sizes, lambda start, size, b: self._step(
             xe[:, start:start + size], ye[:, start:start + size], t + b, shared=False), check)
 
@@ -130,8 +166,12 @@ class TorchEnsembleEngine:
         before = ([p.detach().clone() for p in self.leaves],
                   None if self.opt is None else copy.deepcopy(self.opt.state_dict()))
         with matmul_precision(self.precision):
-            for i in range(count):
-                self.losses[i] = self._epoch(start + i, None if orders is None else orders[i])
+            if self.compiled is not None and orders is None:
+                whole.full_batches(self.compiled, self.x, self.y, start, count, self.losses)
+            else:
+                for i in range(count):
+                    self.losses[i] = self._epoch(start + i,
+                                                 None if orders is None else orders[i])
             held = None if self.held is None else self._predict(*self.held)[2].mean()
         return start, count, orders, before, held
 

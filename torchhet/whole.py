@@ -28,19 +28,23 @@ What it keeps from the other loops:
   groups its epochs so.
 
 It rounds as torch's multi-tensor (foreach) optimiser steps do, which is not the fused
-step of the `optim` loop: the same run to rounding (tests/test_loops.py). It does not
-rematerialise, shard over devices, or train ensembles (their loops do).
+step of the `optim` loop: the same run to rounding (float64 to 1e-10 against the laws'
+reference, tests/test_recipes.py; tests/test_loops.py). It does not rematerialise or shard
+over devices. An ensemble (torchhet/ensemble.py) compiles its members' vmapped update
+through the same `Updates`.
 
 CALL_BATCHES trades compile time for speed: measured on the 2-core CPU (20,000 points,
 width 128, batches of 250, Adam), one update a call ran an epoch in about 1.7x the matmul
 floor, four in about 1.5x, against 2.5-3x for autograd with the fused step, and a cold
-compile took about 9 s for one update a graph and 21 s for four (Inductor caches compiled
-graphs on disk, so a second run compiles in seconds).
+compile took about 9 s for one update a graph and 21 s for four. Inductor caches its
+compiled code on disk, but Dynamo traces again in every process: the benchmark's warm-up
+with the cache warm was 17-22 s (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import time
+
 import torch
 
 from hetcore.schedule import batch_sizes, chunk_length
@@ -98,107 +102,162 @@ def _state(opt: torch.optim.Optimizer, kind: str, momentum: float) -> list[list[
     return [avgs, sqs, steps]
 
 
+def plan(count: int) -> list[int]:
+    """Calls covering `count` updates: of CALL_BATCHES, the rest one by one (two graphs at
+    most, whatever the chunk lengths)."""
+    return [CALL_BATCHES] * (count // CALL_BATCHES) + [1] * (count % CALL_BATCHES)
+
+
+class Updates:
+    """`count` consecutive updates as one compiled call.
+
+    value(ps, qs, xb, yb, same) -> (the scalar to differentiate, the losses to report): ps
+    the trained tensors, qs the fixed ones (an MSE run's variance head), `same` whether
+    every update sees the whole of xs, ys (full batches) or the next `size` rows along
+    `dim` (batches, gathered in the epoch's order). The trained tensors are updated in
+    place by torch.optim's functional step for `opt` (whose state it keeps)."""
+
+    def __init__(self, value, trained: list, fixed: list, opt: torch.optim.Optimizer,
+                 settings: Settings, n_points: int, rows: int, dim: int = 0):
+        from torch.func import grad_and_value
+        from torch.optim.adam import adam
+        from torch.optim.sgd import sgd
+
+        kind, group = settings.optimizer, opt.param_groups[0]
+        momentum = group.get("momentum", 0.0)
+        grad_value = grad_and_value(value, has_aux=True)
+
+        def updates(ps, qs, state, xs, ys, lrs, size: int, count: int, same: bool):
+            out = []
+            for i in range(count):
+                xb, yb = (xs, ys) if same else (xs.narrow(dim, i * size, size),
+                                                ys.narrow(dim, i * size, size))
+                grads, (_, v) = grad_value(ps, qs, xb, yb, same)
+                if kind == "sgd":
+                    sgd(ps, list(grads), state[0] if state else [None] * len(ps),
+                        foreach=True, weight_decay=0.0, momentum=momentum, lr=lrs[i],
+                        dampening=0.0, nesterov=bool(group["nesterov"]), maximize=False)
+                else:
+                    adam(ps, list(grads), *state[:2], [], state[2], foreach=True,
+                         capturable=True, decoupled_weight_decay=kind == "adamw",
+                         amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                         lr=lrs[i], weight_decay=group["weight_decay"], eps=group["eps"],
+                         maximize=False)
+                out.append(v)
+            return torch.stack(out)
+
+        self.device = trained[0].device
+        options = {"cpp.threads": 1} if self.device.type == "cpu" and \
+            rows * settings.width < ONE_THREAD_BELOW else {}
+        self.compiled = torch.compile(updates, fullgraph=True, dynamic=False,
+                                      options=options)
+        self.trained, self.fixed, self.opt = trained, fixed, opt
+        self.kind, self.momentum = kind, momentum
+        self.schedule = optim.Schedule(settings, n_points)
+        self.dtype = trained[0].dtype
+
+    def __call__(self, xs, ys, t: int, size: int, count: int, same: bool, ps=None,
+                 state=None) -> torch.Tensor:
+        """Updates t .. t + count - 1; their losses, (count, ...) on the device."""
+        lrs = torch.tensor([self.schedule(t + i) for i in range(count)], dtype=self.dtype,
+                           device=self.device)
+        with torch.no_grad():
+            return self.compiled(
+                self.trained if ps is None else ps, self.fixed,
+                _state(self.opt, self.kind, self.momentum) if state is None else state,
+                xs, ys, lrs, size, count, same)
+
+    def warm(self, calls) -> float:
+        """Compile each call (xs, ys, size, count, same) on copies of the weights and state,
+        which stay as they were; returns the seconds it took."""
+        t0 = time.perf_counter()
+        ps = [p.clone() for p in self.trained]
+        state = [[s.clone() for s in part]
+                 for part in _state(self.opt, self.kind, self.momentum)]
+        for xs, ys, size, count, same in calls:
+            self(xs, ys, 0, size, count, same, ps=ps, state=state)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+
+def split(named: dict, loss: str) -> tuple[list[str], list[str]]:
+    """(trained, fixed) parameter names: an MSE run's variance head has no gradient, so it
+    is not updated and has no state (torch.optim's rule)."""
+    trained = [n for n in named if not (loss == "mse" and n.startswith("var_head."))]
+    return trained, [n for n in named if n not in trained]
+
+
 def make(model, x: torch.Tensor, y: torch.Tensor, settings: Settings, n_points: int):
     """(run, step, opt, warmup_s) for torchhet.engine.Runner, and `batches`:
     batches(xe, ye, t) makes one epoch's updates on the gathered points xe, ye from update
     t and returns their losses (a device tensor, one a batch)."""
-    from torch.func import functional_call, grad_and_value
-    from torch.optim.adam import adam
-    from torch.optim.sgd import sgd
+    from torch.func import functional_call
 
-    device = x.device
-    loss, beta, full, kind = settings.loss, settings.beta, settings.full, settings.optimizer
+    loss, beta, full = settings.loss, settings.beta, settings.full
     named = dict(model.named_parameters())
-    # An MSE run's variance head has no gradient: not updated, no state (torch.optim's rule)
-    trained = [n for n in named if not (loss == "mse" and n.startswith("var_head."))]
-    fixed = [n for n in named if n not in trained]
-    # Detached views: the same memory as the parameters, updated in place, plain tensors to
-    # the compiler (as the warm-up's copies are)
-    tp = [named[n].detach() for n in trained]
-    fp = [named[n].detach() for n in fixed]
-    opt = optim.make(settings, [named[n] for n in trained], device)
-    group = opt.param_groups[0]
-    momentum = group.get("momentum", 0.0)
+    trained, fixed = split(named, loss)
+    opt = optim.make(settings, [named[n] for n in trained], x.device)
 
-    def value(ps, qs, xb, yb):
+    def value(ps, qs, xb, yb, same):
         weights = {**dict(zip(trained, ps)), **dict(zip(fixed, qs))}
         mu, var = functional_call(model, weights, (xb,))
-        return training_loss(loss, mu, var, yb, full, beta)
-
-    grad_value = grad_and_value(value)
-
-    def updates(ps, qs, state, xs, ys, lrs, size: int, count: int, same: bool):
-        out = []
-        for i in range(count):
-            xb, yb = (xs, ys) if same else (xs[i * size:(i + 1) * size],
-                                            ys[i * size:(i + 1) * size])
-            grads, v = grad_value(ps, qs, xb, yb)
-            if kind == "sgd":
-                sgd(ps, list(grads), state[0] if state else [None] * len(ps), foreach=True,
-                    weight_decay=0.0, momentum=momentum, lr=lrs[i], dampening=0.0,
-                    nesterov=bool(group["nesterov"]), maximize=False)
-            else:
-                adam(ps, list(grads), *state[:2], [], state[2], foreach=True,
-                     capturable=True, decoupled_weight_decay=kind == "adamw", amsgrad=False,
-                     beta1=group["betas"][0], beta2=group["betas"][1], lr=lrs[i],
-                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            out.append(v)
-        return torch.stack(out)
+        v = training_loss(loss, mu, var, yb, full, beta)
+        return v, v
 
     full_batch = settings.full_batch(n_points)
     sizes = batch_sizes(n_points, None if full_batch else settings.batch_size)
-    options = {"cpp.threads": 1} if device.type == "cpu" and \
-        sizes[0] * settings.width < ONE_THREAD_BELOW else {}
-    compiled = torch.compile(updates, fullgraph=True, dynamic=False, options=options)
-    schedule = optim.Schedule(settings, n_points)
-    lr_dtype = x.dtype
-
-    def call(xs, ys, t: int, size: int, count: int, same: bool, ps=tp, state=None):
-        lrs = torch.tensor([schedule(t + i) for i in range(count)], dtype=lr_dtype,
-                           device=device)
-        with torch.no_grad():
-            return compiled(ps, fp, _state(opt, kind, momentum) if state is None else
-                            state, xs, ys, lrs, size, count, same)
-
-    def plan(count: int) -> list[int]:
-        """Calls covering `count` updates: of CALL_BATCHES, the rest one by one (two graphs
-        at most, whatever the chunk lengths)."""
-        return [CALL_BATCHES] * (count // CALL_BATCHES) + [1] * (count % CALL_BATCHES)
-
-    whole, last = sizes[0], sizes[-1]
-    n_whole = len(sizes) - (last != whole)
-
-    def batches(xe, ye, t: int) -> torch.Tensor:
-        out, start, b = [], 0, 0
-        for count in plan(n_whole):
-            out.append(call(xe[start:start + count * whole], ye[start:start + count * whole],
-                            t + b, whole, count, False))
-            start, b = start + count * whole, b + count
-        if last != whole:
-            out.append(call(xe[start:], ye[start:], t + b, last, 1, False))
-        return torch.cat(out) if len(out) > 1 else out[0]
+    # Detached views: the same memory as the parameters, updated in place, plain tensors to
+    # the compiler (as the warm-up's copies are)
+    call = Updates(value, [named[n].detach() for n in trained],
+                   [named[n].detach() for n in fixed], opt, settings, n_points, sizes[0])
 
     def run(count: int, losses: torch.Tensor, start: int) -> None:  # full batches
-        i = 0
-        for k in plan(count):
-            losses[i:i + k] = call(x, y, start + i, n_points, k, True)
-            i += k
+        full_batches(call, x, y, start, count, losses)
 
     def step(xb, yb, t: int) -> torch.Tensor:  # one update (a replay's)
         return call(xb, yb, t, xb.shape[0], 1, full_batch)[0]
 
-    # Warm-up: compile every graph the run will call, on copies of the weights and state
-    t0 = time.perf_counter()
-    ps = [p.clone() for p in tp]
-    state = [[s.clone() for s in part] for part in _state(opt, kind, momentum)]
-    longest = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
-    shapes = ({(n_points, k, True) for k in set(plan(longest)) | {1}} if full_batch else
-              {(whole, k, False) for k in plan(n_whole)} | ({(last, 1, False)}
-                                                            if last != whole else set()))
-    for size, k, same in sorted(shapes):
-        rows = size if same else size * k
-        call(x[:rows], y[:rows], 0, size, k, same, ps=ps, state=state)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return run, step, opt, time.perf_counter() - t0, batches
+    warmup_s = call.warm(warm_calls(x, y, settings, sizes))
+    return run, step, opt, warmup_s, lambda xe, ye, t: through_batches(call, xe, ye, t, sizes)
 
+
+def full_batches(call: Updates, x, y, start: int, count: int, losses: torch.Tensor) -> None:
+    """Epochs start .. start + count - 1 of a full-batch run, their losses into losses[:count]."""
+    i = 0
+    for k in plan(count):
+        losses[i:i + k] = call(x, y, start + i, x.shape[0], k, True)
+        i += k
+
+
+def through_batches(call: Updates, xe, ye, t: int, sizes: list[int], dim: int = 0):
+    """One epoch's updates from update t on the points gathered in its order (xe, ye, the
+    points along `dim`), in batches of `sizes`: their losses, one row a batch."""
+    whole, last = sizes[0], sizes[-1]
+    n_whole = len(sizes) - (last != whole)
+    out, start, b = [], 0, 0
+    for count in plan(n_whole):
+        out.append(call(xe.narrow(dim, start, count * whole), ye.narrow(dim, start, count * whole),
+                        t + b, whole, count, False))
+        start, b = start + count * whole, b + count
+    if last != whole:
+        out.append(call(xe.narrow(dim, start, last), ye.narrow(dim, start, last), t + b, last,
+                        1, False))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def warm_calls(x, y, settings: Settings, sizes: list[int], dim: int = 0) -> list[tuple]:
+    """The calls (xs, ys, size, count, same) a run makes, one of each graph: for full
+    batches a call of CALL_BATCHES epochs if a chunk is that long and one of one; for
+    mini-batches CALL_BATCHES batches, one, and the shorter last one."""
+    whole, last = sizes[0], sizes[-1]
+    if len(sizes) == 1:
+        longest = chunk_length(settings.epochs, settings.chunk_epochs,
+                               settings.checkpoint_every)
+        return [(x, y, whole, k, True) for k in sorted(set(plan(longest)) | {1})]
+    n_whole = len(sizes) - (last != whole)
+    calls = [(x.narrow(dim, 0, whole * k), y.narrow(dim, 0, whole * k), whole, k, False)
+             for k in sorted(set(plan(n_whole)))]
+    if last != whole:
+        calls.append((x.narrow(dim, 0, last), y.narrow(dim, 0, last), last, 1, False))
+    return calls
