@@ -165,7 +165,8 @@ def test_a_workload_floor_times_its_own_shapes():
     (["--recipe", "calibrated"], "--warmup-steps 100: longer than the run's 12 updates"),
     (["--ensemble", "3", "--variants", "jax:scan"], "an ensemble's variants are"),
     (["--variants", "jax:singles"], "give --ensemble K"),
-    (["--ensemble", "3", "--variants", "torch:ensemble-map"], "torch's ensemble has one way"),
+    (["--ensemble", "3", "--variants", "torch:ensemble-map"], "torch's ensemble variants are"),
+    (["--ensemble", "3", "--variants", "jax:ensemble-compile"], "jax's ensemble variants are"),
     (["--devices", "2"], "unrecognized arguments: --devices"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, needle, tmp_path):

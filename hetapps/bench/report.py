@@ -146,7 +146,7 @@ def table(report: dict) -> str:
     speedup = report.get("ensemble_speedup_over_singles")
     if speedup:
         k = report["workload"]["settings"]["ensemble"]
-        lines.append(f"the ensemble's one program against {k} single runs: "
+        lines.append(f"the ensemble's one program (its fastest way) against {k} single runs: "
                      + ", ".join(f"{fw} {v:.2f}x" for fw, v in speedup.items())
                      + " (their time over its)")
     best = report.get("fastest", {})

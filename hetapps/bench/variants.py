@@ -23,9 +23,11 @@ CUDA_ONLY = ("torch:cudagraph", "torch:reduce-overhead")
 GPU_VARIANTS = CPU_VARIANTS + CUDA_ONLY
 # With --ensemble K: each framework's ensemble program (JAX's also with each way of running
 # its members, EngineOptions.members) against K single runs.
-ENSEMBLE_LOOPS = ("ensemble", "ensemble-vmap", "ensemble-map", "singles")
+# torch's "ensemble-compile": its program with the members' updates compiled whole
+# (--loop compile-update).
+ENSEMBLE_LOOPS = ("ensemble", "ensemble-vmap", "ensemble-map", "ensemble-compile", "singles")
 ENSEMBLE_VARIANTS = ("jax:ensemble", "jax:ensemble-vmap", "jax:ensemble-map", "jax:singles",
-                     "torch:ensemble", "torch:singles")
+                     "torch:ensemble", "torch:ensemble-compile", "torch:singles")
 
 
 @dataclass
@@ -115,12 +117,14 @@ def ensemble_trial(fw: Framework, loop: str) -> Callable:
     --ensemble; "ensemble-vmap", "ensemble-map": JAX's with EngineOptions.members so), or
     ("singles"), the obvious alternative, K single runs one after another, member k from
     its own weights and shuffle seed S + k, each on the framework's default loop."""
-    singles = loop == "singles"
-    options = EngineOptions(members=loop.partition("-")[2] or "auto") if not singles else None
+    singles, compiled = loop == "singles", loop == "ensemble-compile"
+    options = None if singles else EngineOptions(
+        members="auto" if compiled else loop.partition("-")[2] or "auto")
 
     def start(w, x, y, base: Settings):
         members = interchange.unstack(w)
-        settings = run_settings(fw, "auto", base, members[0], x)
+        settings = run_settings(fw, "compile-update" if compiled else "auto", base,
+                                members[0], x)
         if not singles:
             return _timed(lambda: driver.train(fw.backend, settings, x, y, w, options=options))
         each = [settings.replace(ensemble=1, shuffle_seed=settings.shuffle_seed + k)
@@ -170,9 +174,11 @@ def select(spec: str, fws: dict[str, Framework], remat: bool, unroll: list[int] 
         if loop in ENSEMBLE_LOOPS:
             if remat:
                 raise UsageError("--remat: an ensemble's variants do not rematerialise")
-            if framework == "torch" and loop.startswith("ensemble-"):
-                raise UsageError(f"--variants {name}: torch's ensemble has one way; "
-                                 "torch:ensemble")
+            if (framework == "torch") != (loop == "ensemble-compile") and \
+                    loop.startswith("ensemble-"):
+                raise UsageError(f"--variants {name}: {framework}'s ensemble variants are "
+                                 + ", ".join(v for v in ENSEMBLE_VARIANTS
+                                             if v.startswith(framework + ":")))
             out.append(Variant(name, framework, loop, ensemble_trial(fws[framework], loop)))
             continue
         if loop not in LOOPS[framework]:
