@@ -238,7 +238,6 @@ def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None
         epochs = handgrad.make_runner(model, x, y, lr, full)
         return Runner(lambda count, losses, start: epochs(count, losses))
     if loop == "compile-update":
-        _allow_recompiles()
         return Runner(*whole.make(model, x, y, settings, n_points))
     params = list(model.parameters())
     schedule = optim.Schedule(settings, n_points)
@@ -263,7 +262,7 @@ def make_runner(loop: str, model, x, y, settings: Settings, n_points: int | None
 
     elif loop in ("compile", "reduce-overhead"):
         mode = "reduce-overhead" if loop == "reduce-overhead" else None
-        _allow_recompiles()
+        whole.allow_recompiles()
         compiled = torch.compile(
             lambda xs, ys: forward_loss(model, xs, ys, full, remat, loss, beta), mode=mode,
             dynamic=False)
@@ -319,16 +318,6 @@ def _full_batch(step: Callable, warmup_s: float) -> Runner:
             losses[i] = step()
 
     return Runner(run, None, None, warmup_s)
-
-
-def _allow_recompiles(limit: int = 256) -> None:
-    """Every runner compiles the same code for a new model (new guards); past dynamo's
-    default limit of 8 it would fall back to eager without failing. Raise the limit."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
 
 
 def _capture(model, params, x, y, lr, full, remat, loss="nll", beta=None):

@@ -60,6 +60,17 @@ CALL_BATCHES = 4  # updates traced into one graph (see the module docstring)
 ONE_THREAD_BELOW = 1 << 16
 
 
+def allow_recompiles(limit: int = 256) -> None:
+    """Every runner compiles the same code for a new model (new guards), and Dynamo counts
+    them per code object, whichever model they were for: past its default limit of 8 it
+    would fall back to eager (or, with fullgraph=True, fail). Raise the limit."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+
+
 def supports(settings: Settings) -> str | None:
     """Why compile-update cannot run these settings, or None."""
     if settings.devices > 1:
@@ -147,6 +158,7 @@ class Updates:
             return torch.stack(out)
 
         self.device = trained[0].device
+        allow_recompiles()
         options = {"cpp.threads": 1} if self.device.type == "cpu" and \
             rows * settings.width < ONE_THREAD_BELOW else {}
         self.compiled = torch.compile(updates, fullgraph=True, dynamic=False,
