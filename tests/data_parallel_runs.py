@@ -95,6 +95,11 @@ def main():
         print(json.dumps(report), flush=True)
     if framework == "torch":  # leave the process group: exiting inside it aborts in C++
         registry.backend("torch").leave()
+        # and end at once, as hetapps.launch.finish ends a worker: the interpreter's
+        # ordinary exit after that still aborted now and then (SIGABRT, "terminate called
+        # without an active exception")
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
