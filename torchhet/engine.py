@@ -88,8 +88,9 @@ def unsupported(loop: str, settings: Settings, n_points: int) -> str | None:
 
 # compile-update against optim on the CPU (docs/performance.md, 2026-12-02): about 0.4 ms
 # saved an update on 2 cores (20,000 points, width 128, batches of 250, Adam: 43 ms an epoch
-# against 84 in the same run), for 10-30 s of compiling (cold; Inductor's cache on disk
-# makes a second run's a few seconds). It finishes first from about this many updates.
+# against 84 in the same run), for 17-30 s of compiling (Inductor's cache on disk spares
+# a second run its C++, not Dynamo's tracing). It finishes first from about this many
+# updates.
 COMPILE_UPDATE_FROM = 60_000
 
 

@@ -72,16 +72,16 @@ class TorchEnsembleEngine:
         n = x.shape[0]
         self.sizes = batch_sizes(n, None if s.full_batch(n) else s.batch_size)
         self.schedule = optim.Schedule(s, n)
-        self.opt = None if s.plain_sgd else optim.make(s, self.leaves, dev)
-        self.compiled = None
+        self.opt, self.compiled = None if s.plain_sgd else optim.make(s, self.leaves, dev), None
         if s.loop == "compile-update" or (s.loop == "auto" and s.devices == 1 and
                                           repays_compiling(dev.type, s, n)):
-            # the members' updates compiled whole (whole.py)
+            # the members' updates compiled whole (whole.py), the optimiser over the trained
+            # parameters alone, plain SGD's too (its functional step reads its settings)
             trained, fixed = whole.split(self.params, s.loss)
-            self.opt = optim.make(s, [self.params[n] for n in trained], dev)
+            self.opt = optim.make(s, [self.params[name] for name in trained], dev)
             self.compiled = whole.Updates(
-                self._value(trained, fixed), [self.params[n].detach() for n in trained],
-                [self.params[n].detach() for n in fixed], self.opt, s, n,
+                self._value(trained, fixed), [self.params[name].detach() for name in trained],
+                [self.params[name].detach() for name in fixed], self.opt, s, n,
                 self.members * self.sizes[0], dim=1)
             self.loop = "compile-update"
         if optimizer:  # a checkpoint's: every member's, stacked

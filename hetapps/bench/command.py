@@ -241,8 +241,9 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         flops, flops_source = epoch_flops(fws, base.replace(dtype="float32"), x, y, w)
     stable = base.plain_sgd and base.full_batch(len(x))
     f64, skipped = None, []
-    if args.data_parallel is not None:
-        counts = _ints(args.data_parallel, "--data-parallel")
+    counts = None if args.data_parallel is None else _ints(args.data_parallel,
+                                                           "--data-parallel")
+    if counts is not None:
         log(f"  {flops / 1e6:.1f} MFLOP per epoch; the train command at --devices "
             f"{args.data_parallel}, {base.epochs} and {2 * base.epochs} epochs, best of "
             f"{args.repeats}")
@@ -291,8 +292,8 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         "flops_per_epoch": flops, "flops_source": flops_source,
         "repeats": args.repeats, "variants": rows, "agreement": agree, "fastest": fastest,
         "ensemble_speedup_over_singles": speedup,
-        **({} if args.data_parallel is None else {
-            "data_parallel": {"counts": _ints(args.data_parallel, "--data-parallel"),
+        **({} if counts is None else {
+            "data_parallel": {"counts": counts,
                               "skipped": skipped, "speedup_over_one_device":
                               dv.speedups(rows), "method": dv.METHOD}}),
         "machine_load": {"start": load_start, "end": _load(), "threads": threads,
