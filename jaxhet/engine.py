@@ -59,7 +59,9 @@ LOOPS = ALL_LOOPS["jax"]  # named once, in hetcore.settings
 # that would dominate an epoch of a few tens of microseconds.
 DEFAULT_LOOP = "scan"
 
-def _forward(model, x, remat: bool):
+def _forward(model, x, remat: bool, paired: bool = False):
+    if paired:  # the first two layers' products in the layouts a CPU takes fastest
+        return model.paired(x)
     if not remat:
         return model(x)
     mods = list(model.layers.layers)  # Linear, relu, Linear, relu, ...
@@ -78,9 +80,9 @@ def _forward(model, x, remat: bool):
 
 
 def loss_fn(params, graphdef, x, y, full: bool, remat: bool = False, loss: str = "nll",
-            beta=None):
+            beta=None, paired: bool = False):
     """The training loss of the parameters on x, y (model.training_loss)."""
-    mu, var = _forward(nnx.merge(graphdef, params), x, remat)
+    mu, var = _forward(nnx.merge(graphdef, params), x, remat, paired)
     return training_loss(loss, mu, var, y, full, beta)
 
 
@@ -96,6 +98,7 @@ class EpochConfig:
     batch: int  # points per batch; the last one of an epoch holds what is left
     batches: int  # batches (updates) per epoch
     devices: int = 1  # > 1: the program runs inside a shard_map over that many (parallel)
+    paired: bool = False  # the first two layers as model.first_pair (jaxhet.ensemble)
 
 
 def epoch_config(settings: Settings, n_points: int) -> EpochConfig:
@@ -118,7 +121,7 @@ def shard_value_and_grad(params, graphdef, cfg: EpochConfig, x, y, h):
     xs, ys = x[idx], y[idx]
 
     def share(params):
-        mu, var = _forward(nnx.merge(graphdef, params), xs, cfg.remat)
+        mu, var = _forward(nnx.merge(graphdef, params), xs, cfg.remat, cfg.paired)
         terms = point_loss(cfg.loss, mu, var, ys, cfg.full, h["beta"])
         return jnp.sum(jnp.where(keep, terms, jnp.zeros_like(terms))) / b
 
@@ -139,7 +142,7 @@ def update(graphdef, cfg: EpochConfig, carry, x, y, h, active, t):
     tx = optim.transform(cfg.opt, h)
     if cfg.devices == 1:
         loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x, y, cfg.full,
-                                                  cfg.remat, cfg.loss, h["beta"])
+                                                  cfg.remat, cfg.loss, h["beta"], cfg.paired)
     else:
         loss, grads = shard_value_and_grad(params, graphdef, cfg, x, y, h)
     # torch rounds three times: the gradient, `grad * lr`, then `param - that`. The barriers
@@ -237,12 +240,26 @@ def signature(tree) -> tuple:
     return tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(tree))
 
 
-def compile_once(fn, key, *args):
-    """Ahead-of-time compile, cached by what shapes the program (never by values)."""
+def compile_once(fn, key, *args, options: dict | None = None):
+    """Ahead-of-time compile, cached by what shapes the program (never by values) and by
+    `options`, XLA compiler options for this program alone. An XLA that does not know an
+    option (an older jaxlib) compiles the program without them."""
+    if options:
+        key = (*key, tuple(sorted(options.items())))
     if key not in _compiled:
         with x64_tracing():  # the same program whatever the process's x64 mode
-            _compiled[key] = fn.lower(*args).compile()
+            _compiled[key] = compile_lowered(fn.lower(*args), options)
     return _compiled[key]
+
+
+def compile_lowered(lowered, options: dict | None = None):
+    """lowered.compile() with XLA compiler options where this XLA knows them."""
+    try:
+        return lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+        if not options or not any(name in str(e) for name in options):
+            raise
+        return lowered.compile()
 
 
 def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y, h, device,

@@ -76,6 +76,32 @@ _predict_jit = jax.jit(_members_predict, static_argnums=(0, 1, 2))
 MAP_FROM_WIDTH = 512
 
 
+# XLA's CPU batched products run Eigen's product one member after another; YNNPACK's
+# (XLA's "ynn" dot fusion, full float32, opt-in per program) run them batched. Measured on
+# the 2-core CPU (docs/performance.md, 2026-12-02 evening): 16 members at width 64, the
+# vmapped epoch 2.2 ms against 2.6-2.8 with Eigen's (its forward and input-gradient
+# products 1.6-1.8x faster). No gain at width 512 (8 members, vmap or map) nor on the
+# lecture's one model, which therefore keep Eigen's; float64 products are not YNNPACK's.
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+def _batched_on_cpu(members: str, dev) -> bool:
+    device = dev.mesh.devices.flat[0] if hasattr(dev, "mesh") else dev
+    return members == "vmap" and device.platform == "cpu"
+
+
+def compiler_options(settings: Settings, members: str, dev) -> dict | None:
+    """The ensemble program's XLA options: YNN_DOTS for vmapped float32 members on a CPU."""
+    return YNN_DOTS if _batched_on_cpu(members, dev) and settings.dtype == "float32" else None
+
+
+def paired(settings: Settings, members: str, dev) -> bool:
+    """Whether the members' first two layers run as jaxhet.model.first_pair: vmapped on a
+    CPU, where it took the 16 x width-64 epoch from 2.2 to 1.8 ms (float32, with YNN_DOTS;
+    docs/performance.md). A GPU's batched products take transposed operands as they come."""
+    return _batched_on_cpu(members, dev) and settings.depth >= 2
+
+
 def members_loop(settings: Settings, options: EngineOptions) -> str:
     """How the members' epochs run (see _members_chunk): vmap on a mesh, else
     options.members, or for "auto" the faster one for the width."""
@@ -113,8 +139,10 @@ class JaxEnsembleEngine:
                     settings.depth) for w in interchange.unstack(weights)]
         self.graphdef = puts[0][0]
         params = jax.device_put(stack_trees([p for _, p in puts]), at)
+        self.members_loop = members_loop(settings, options)
         # every member's batches whole on its device: the points are not split
-        self.cfg = dataclasses.replace(epoch_config(settings, x.shape[0]), devices=1)
+        self.cfg = dataclasses.replace(epoch_config(settings, x.shape[0]), devices=1,
+                                       paired=paired(settings, self.members_loop, dev))
         self.h = jax.device_put({**optim.hyper(settings, dtype),
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
         opt_state = jax.device_put(jax.vmap(optim.transform(self.cfg.opt, self.h).init)(params),
@@ -134,13 +162,13 @@ class JaxEnsembleEngine:
                           NamedSharding(at.mesh, PartitionSpec(None, parallel.MEMBERS)))
         example = (self._orders(np.zeros((self.length, k, x.shape[0]), np.int32))
                    if self.batched else None)
-        self.members_loop = members_loop(settings, options)
         self.chunk = compile_once(_chunk_jit, ("members", self.graphdef, self.length, self.cfg,
                                                unroll, self.members_loop, sig, dev),
                                   self.graphdef, self.length, self.cfg, unroll,
                                   self.members_loop, self.carry,
                                   self.x, self.y, self.h, example, np.int32(self.length),
-                                  np.int32(0))
+                                  np.int32(0),
+                                  options=compiler_options(settings, self.members_loop, dev))
         self.programs = predict_programs(_predict_jit, self.graphdef, self.cfg, params, self.h,
                                          dev, self.x, self.y, held_out)
         self.compile_s = time.perf_counter() - t0

@@ -12,7 +12,8 @@ from hetcore.schedule import batch_sizes
 from hetcore.settings import Settings
 from hetcore.timing import timed
 from jaxhet.device import enable_x64, resolve_device, x64_tracing
-from jaxhet.engine import JaxEngine, _step, loss_fn
+from jaxhet import ensemble
+from jaxhet.engine import JaxEngine, _step, compile_lowered, loss_fn
 from jaxhet.model import PRECISION
 from jaxhet.weights import put
 
@@ -73,7 +74,6 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
                 dh = dot(dh, tr(ws[k]))  # input gradient (rows, width)
         return outs
 
-    @jax.jit
     def once(xs, ghs, tail, ws, heads):
         outs = jax.lax.map(lambda part: update(part[0], part[1], ws, heads), (xs, ghs))
         return outs if tail is None else (outs, update(*tail, ws, heads))
@@ -82,7 +82,11 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
     tail = None if len(sizes) == whole else (r(*lead, sizes[-1], 1), r(*lead, sizes[-1], 2))
     ws = [r(*lead, 1, width)] + [r(*lead, width, width) for _ in range(depth - 1)]
     heads = r(*lead, width, 2)  # mean and variance heads side by side
-    return timed(lambda: once(xs, ghs, tail, ws, heads), _sync, repeats)
+    # an ensemble's products with the kernels its vmapped program is compiled with
+    options = (ensemble.compiler_options(Settings(dtype=dtype), "vmap", dev)
+               if members > 1 else None)
+    program = compile_lowered(jax.jit(once).lower(xs, ghs, tail, ws, heads), options)
+    return timed(lambda: program(xs, ghs, tail, ws, heads), _sync, repeats)
 
 
 def _cost(compiled) -> dict:
