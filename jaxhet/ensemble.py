@@ -90,9 +90,9 @@ def _batched_on_cpu(members: str, dev) -> bool:
     return members == "vmap" and device.platform == "cpu"
 
 
-def compiler_options(settings: Settings, members: str, dev) -> dict | None:
+def compiler_options(dtype: str, members: str, dev) -> dict | None:
     """The ensemble program's XLA options: YNN_DOTS for vmapped float32 members on a CPU."""
-    return YNN_DOTS if _batched_on_cpu(members, dev) and settings.dtype == "float32" else None
+    return YNN_DOTS if _batched_on_cpu(members, dev) and dtype == "float32" else None
 
 
 def paired(settings: Settings, members: str, dev) -> bool:
@@ -168,7 +168,7 @@ class JaxEnsembleEngine:
                                   self.members_loop, self.carry,
                                   self.x, self.y, self.h, example, np.int32(self.length),
                                   np.int32(0),
-                                  options=compiler_options(settings, self.members_loop, dev))
+                                  options=compiler_options(dtype, self.members_loop, dev))
         self.programs = predict_programs(_predict_jit, self.graphdef, self.cfg, params, self.h,
                                          dev, self.x, self.y, held_out)
         self.compile_s = time.perf_counter() - t0

@@ -83,8 +83,7 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
     ws = [r(*lead, 1, width)] + [r(*lead, width, width) for _ in range(depth - 1)]
     heads = r(*lead, width, 2)  # mean and variance heads side by side
     # an ensemble's products with the kernels its vmapped program is compiled with
-    options = (ensemble.compiler_options(Settings(dtype=dtype), "vmap", dev)
-               if members > 1 else None)
+    options = ensemble.compiler_options(dtype, "vmap", dev) if members > 1 else None
     program = compile_lowered(jax.jit(once).lower(xs, ghs, tail, ws, heads), options)
     return timed(lambda: program(xs, ghs, tail, ws, heads), _sync, repeats)
 

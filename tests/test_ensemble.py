@@ -197,10 +197,10 @@ def test_vmapped_float32_members_take_full_precision_ynnpack_products():
     x, y = ds.columns("float32")
     w, _ = driver.initial_weights(s, backend)
     engine = JaxEnsembleEngine(s, x, y, w, options=EngineOptions(members="vmap"))
-    assert compiler_options(s, "vmap", engine.x.devices().pop()) is not None
-    assert compiler_options(s, "map", engine.x.devices().pop()) is None
-    assert compiler_options(s.replace(dtype="float64"), "vmap",
-                            engine.x.devices().pop()) is None
+    cpu = engine.x.devices().pop()
+    assert compiler_options("float32", "vmap", cpu) is not None
+    assert compiler_options("float32", "map", cpu) is None
+    assert compiler_options("float64", "vmap", cpu) is None
     text = engine.chunk.as_text()
     if "ynn" not in text:
         pytest.skip("this XLA has no YNNPACK dot fusion: the program kept Eigen's products")
