@@ -241,3 +241,37 @@ def test_xla_counts_the_lecture_epoch_flops():
     flops = jmeasure.epoch_flops(Settings(device="cpu"), x, y, interchange.lecture_weights())
     assert matmul_flops(500, 512, 2) == 790_528_000
     assert 790.5e6 <= flops <= 1.02 * 790.5e6
+
+
+def test_torch_trains_with_subnormals_flushed_as_xla_computes(small_state, small_data,
+                                                               monkeypatch):
+    # XLA's CPU code flushes subnormal results to zero; torch's loops run so too (a dead
+    # unit's Adam moment decays into subnormals, which x86 computes on slowly), and the
+    # process's own mode comes back after the run.
+    import jax
+    import jax.numpy as jnp
+
+    from torchhet.device import flushing_subnormals
+
+    tiny = np.float32(1e-39)
+    product = jax.jit(lambda a, b: a * b)  # arguments: nothing for XLA to simplify away
+    assert np.asarray(product(jnp.float32(tiny), jnp.float32(1.0))) == 0  # XLA's premise
+    seen, real = [], tengine.make_runner
+
+    def make_runner(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        inner = runner.run
+
+        def recorded(n, losses, start):
+            seen.append(flushing_subnormals())
+            inner(n, losses, start)
+
+        runner.run = recorded
+        return runner
+
+    monkeypatch.setattr(tengine, "make_runner", make_runner)
+    assert not flushing_subnormals() and torch.tensor(tiny).mul(1.0).item() == tiny
+    s = Settings(framework="torch", device="cpu", preset="none", width=4, depth=1, epochs=4,
+                 chunk_epochs=2)
+    driver.train(tb, s, *small_data(n=10), small_state(width=4, depth=1))
+    assert seen == [True, True] and not flushing_subnormals()

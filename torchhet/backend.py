@@ -16,7 +16,7 @@ from hetcore.errors import UsageError
 from hetcore.interchange import init_bound
 from hetcore.settings import OPTION_DEFAULTS, Settings
 from torchhet.device import describe, memory_bytes, platform, resolve_device  # noqa: F401
-from torchhet.device import matmul_precision, to_device
+from torchhet.device import arithmetic, to_device
 from torchhet.engine import LOOPS, TorchEngine
 from torchhet.model import HeteroscedasticMLP, training_loss
 from torchhet.weights import DTYPES, put, to_state_dict
@@ -49,7 +49,7 @@ def predict(weights: dict, x: np.ndarray, device: str = "auto", full: bool = Fal
     """(mu, var, loss) as numpy for a state dict and inputs x (N, 1); loss needs y."""
     dev = resolve_device(device)
     model = put(weights, str(np.asarray(x).dtype), dev)
-    with torch.no_grad(), matmul_precision("highest"):
+    with torch.no_grad(), arithmetic("highest"):
         mu, var = model(to_device(x, dev))
         value = None if y is None else float(
             training_loss(loss, mu, var, to_device(y, dev), full, _beta(beta)))
@@ -63,7 +63,7 @@ def loss_and_grad(weights: dict, x: np.ndarray, y: np.ndarray, device: str = "au
     the loss does not reach, an MSE run's variance head: zeros)."""
     dev = resolve_device(device)
     model = put(weights, str(np.asarray(x).dtype), dev)
-    with matmul_precision("highest"):
+    with arithmetic("highest"):
         mu, var = model(to_device(x, dev))
         value = training_loss(loss, mu, var, to_device(y, dev), full, _beta(beta))
         value.backward()

@@ -53,15 +53,34 @@ def memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def flushing_subnormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal floats to zero (torch has a
+    setter, torch.set_flush_denormal, and no getter: a subnormal float32 survives a
+    multiplication by one only when nothing is flushed)."""
+    return torch.tensor(1e-39, dtype=torch.float32).mul(1.0).item() == 0.0
+
+
 @contextlib.contextmanager
-def matmul_precision(precision: str = "highest"):
+def arithmetic(precision: str = "highest"):
     """Run the block with torch's float32 matmul precision for `precision` ("highest" or
-    "tf32"), and put the process's own setting back after it."""
+    "tf32") and, as XLA's CPU code always does, subnormal results flushed to zero on the
+    CPU (torch.set_flush_denormal: this thread's x86 FTZ and DAZ modes; a no-op where the
+    CPU has none). Then put the process's own settings back.
+
+    Why flush: Adam's first moment of a weight whose gradient is exactly zero (a dead ReLU
+    unit's) decays by beta1 every update and becomes subnormal after about 750 updates;
+    x86 CPUs compute on subnormals through slow microcode, and a mini-batch update's
+    element-wise work took 3-6 times as long (docs/performance.md, 2026-12-02). Flushing
+    changes only values below 1.2e-38 in float32 (2.2e-308 in float64), which XLA flushes
+    as well: the frameworks agree more closely with it, not less."""
     before = torch.get_float32_matmul_precision()
+    flushed = flushing_subnormals()
     torch.set_float32_matmul_precision(_TORCH_PRECISION[precision])
+    torch.set_flush_denormal(True)
     try:
         yield
     finally:
+        torch.set_flush_denormal(flushed)
         torch.set_float32_matmul_precision(before)
 
 

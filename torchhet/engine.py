@@ -48,7 +48,7 @@ from hetcore.schedule import batch_sizes, chunk_length, remat_segments
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
 from torchhet import handgrad, optim, parallel, whole
-from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
+from torchhet.device import arithmetic, describe, resolve_device, sync, to_device
 from torchhet.model import point_loss, training_loss
 from torchhet.weights import DTYPES, put, to_state_dict
 
@@ -386,7 +386,7 @@ class TorchEngine:
                 self.model, dev, frozen, forward, point_loss)))
             self.device = (f"{self.device}, process {torch.distributed.get_rank()} of "
                            f"{torch.distributed.get_world_size()}")
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             self.runner = make_runner(self.loop, self.model, self.x, self.y, settings, n,
                                       **shared)
         self.compile_s = self.runner.warmup_s
@@ -428,7 +428,7 @@ class TorchEngine:
         before = ([p.detach().clone() for p in self.params],
                   None if self.runner.opt is None else
                   copy.deepcopy(self.runner.opt.state_dict()))
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             self._chunk(start, count, orders)  # losses stay on the device until read
             held = None if self.held is None else self._predict(*self.held)[2]
         return start, count, orders, before, held
@@ -471,7 +471,7 @@ class TorchEngine:
             if not _finite(self.params):
                 raise Failed(b, True)
 
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             for i in range(count):
                 try:
                     if orders is None:
@@ -495,7 +495,7 @@ class TorchEngine:
         # The loop's own buffers (no-autograd keeps depth + 1 (N, width) blocks, CUDA graphs
         # a pool) go before the final forward pass allocates its own: not both at the peak.
         self.runner = None
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             mu, var, value = self._predict(self.x, self.y)
             held = None
             if self.held is not None:

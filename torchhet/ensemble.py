@@ -30,7 +30,7 @@ from hetcore.errors import UsageError
 from hetcore.schedule import batch_sizes, chunk_length
 from hetcore.settings import Settings
 from torchhet import optim, parallel, whole
-from torchhet.device import describe, matmul_precision, resolve_device, sync, to_device
+from torchhet.device import arithmetic, describe, resolve_device, sync, to_device
 from torchhet.engine import _lecture_update, over_batches, refuse_unroll, repays_compiling
 from torchhet.model import training_loss
 from torchhet.weights import DTYPES, put
@@ -165,7 +165,7 @@ class TorchEnsembleEngine:
     def launch(self, start: int, count: int, orders=None):
         before = ([p.detach().clone() for p in self.leaves],
                   None if self.opt is None else copy.deepcopy(self.opt.state_dict()))
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             if self.compiled is not None and orders is None:
                 whole.full_batches(self.compiled, self.x, self.y, start, count, self.losses)
             else:
@@ -200,7 +200,7 @@ class TorchEnsembleEngine:
                 if rows.any():
                     raise _Failed(b, int(torch.nonzero(rows)[0, 0]), True)
 
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             for i in range(count):
                 try:
                     self._epoch(start + i, None if orders is None else orders[i], check)
@@ -227,7 +227,7 @@ class TorchEnsembleEngine:
         sync(self._dev)
 
     def finish(self) -> Final:
-        with matmul_precision(self.precision):
+        with arithmetic(self.precision):
             mu, var, loss = self._predict(self.x, self.y)
             held = None
             if self.held is not None:

@@ -10,7 +10,7 @@ from hetcore.schedule import batch_sizes
 from hetcore.settings import Settings
 from hetcore.timing import timed
 from torchhet import handgrad
-from torchhet.device import matmul_precision, resolve_device, sync, to_device
+from torchhet.device import arithmetic, resolve_device, sync, to_device
 from torchhet.engine import default_loop, forward_loss
 from torchhet.weights import DTYPES, put
 
@@ -26,7 +26,7 @@ def matmul_seconds(size: int, dtype: str, device: str, repeats: int = 5) -> list
     a = torch.randn(size, size, dtype=DTYPES[dtype], device=dev)
     b = torch.randn(size, size, dtype=DTYPES[dtype], device=dev)
     out = torch.empty(size, size, dtype=DTYPES[dtype], device=dev)
-    with matmul_precision("highest"):
+    with arithmetic("highest"):
         return timed(lambda: torch.mm(a, b, out=out), _timer(dev), repeats)
 
 
@@ -68,7 +68,7 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
     def once():
         return [update(*data[b]) for b in sizes]
 
-    with matmul_precision("highest"):
+    with arithmetic("highest"):
         return timed(once, _timer(dev), repeats)
 
 
