@@ -4,8 +4,10 @@ On a CPU a mini-batch update of a small network is a few hundred microseconds of
 products and as much again of everything else: autograd's engine walking its graph, the
 optimiser's Python, a dozen small kernels each with its own dispatch and thread start. An
 epoch of 20,000 points in batches of 250 is 80 of them (docs/performance.md). Here the
-gradient comes from torch.func (`grad_and_value` of the loss through `functional_call`:
-autograd's own rules, traced instead of replayed) and the update from torch.optim's
+gradient comes from torch.func (`grad_and_value` of the loss through
+torchhet.model.lean_forward, the model's forward with its narrow products written as
+element-wise work and its two heads as one product: six products an update instead of
+eleven; autograd's own rules, traced instead of replayed) and the update from torch.optim's
 functional step (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`: the same code the
 optimiser classes run), and `torch.compile` traces `CALL_BATCHES` consecutive updates into
 one graph (`fullgraph=True`): Inductor fuses each update's element-wise work into a few
@@ -33,12 +35,10 @@ reference, tests/test_recipes.py; tests/test_loops.py). It does not rematerialis
 over devices. An ensemble (torchhet/ensemble.py) compiles its members' vmapped update
 through the same `Updates`.
 
-CALL_BATCHES trades compile time for speed: measured on the 2-core CPU (20,000 points,
-width 128, batches of 250, Adam), one update a call ran an epoch in about 1.7x the matmul
-floor, four in about 1.5x, against 2.5-3x for autograd with the fused step, and a cold
-compile took about 9 s for one update a graph and 21 s for four. Inductor caches its
-compiled code on disk, but Dynamo traces again in every process: the benchmark's warm-up
-with the cache warm was 17-22 s (docs/performance.md).
+CALL_BATCHES trades compile time for speed: more updates a call spare Dynamo's guards and
+the call's own overhead, and lengthen the tracing, which Inductor's cache on disk does not
+spare (it keeps the C++). Four, as measured (docs/performance.md): eight gained little
+against its longer tracing.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 from hetcore.schedule import batch_sizes, chunk_length
 from hetcore.settings import Settings
 from torchhet import optim
-from torchhet.model import training_loss
+from torchhet.model import lean_forward, training_loss
 
 CALL_BATCHES = 4  # updates traced into one graph (see the module docstring)
 # Inductor's C++ kernels start an OpenMP team for every loop; for a batch's blocks of a
@@ -204,16 +204,14 @@ def make(model, x: torch.Tensor, y: torch.Tensor, settings: Settings, n_points: 
     """(run, step, opt, warmup_s) for torchhet.engine.Runner, and `batches`:
     batches(xe, ye, t) makes one epoch's updates on the gathered points xe, ye from update
     t and returns their losses (a device tensor, one a batch)."""
-    from torch.func import functional_call
-
-    loss, beta, full = settings.loss, settings.beta, settings.full
+    loss, beta, full, depth = settings.loss, settings.beta, settings.full, settings.depth
     named = dict(model.named_parameters())
     trained, fixed = split(named, loss)
     opt = optim.make(settings, [named[n] for n in trained], x.device)
 
     def value(ps, qs, xb, yb, same):
         weights = {**dict(zip(trained, ps)), **dict(zip(fixed, qs))}
-        mu, var = functional_call(model, weights, (xb,))
+        mu, var = lean_forward(weights, xb, depth)
         v = training_loss(loss, mu, var, yb, full, beta)
         return v, v
 
