@@ -251,7 +251,7 @@ def test_torch_trains_with_subnormals_flushed_as_xla_computes(small_state, small
     import jax
     import jax.numpy as jnp
 
-    from torchhet.device import flushing_subnormals
+    from torchhet.device import arithmetic, flushing_subnormals
 
     tiny = np.float32(1e-39)
     product = jax.jit(lambda a, b: a * b)  # arguments: nothing for XLA to simplify away
@@ -270,8 +270,39 @@ def test_torch_trains_with_subnormals_flushed_as_xla_computes(small_state, small
         return runner
 
     monkeypatch.setattr(tengine, "make_runner", make_runner)
+    torch.set_flush_denormal(False)
     assert not flushing_subnormals() and torch.tensor(tiny).mul(1.0).item() == tiny
     s = Settings(framework="torch", device="cpu", preset="none", width=4, depth=1, epochs=4,
                  chunk_epochs=2)
     driver.train(tb, s, *small_data(n=10), small_state(width=4, depth=1))
     assert seen == [True, True] and not flushing_subnormals()
+    # a mode the process had on stays on; an error inside the scope restores it too
+    torch.set_flush_denormal(True)
+    with pytest.raises(RuntimeError):
+        with arithmetic():
+            raise RuntimeError("inside")
+    assert flushing_subnormals()
+    torch.set_flush_denormal(False)
+
+
+def test_the_flush_is_the_calling_threads_and_leaves_none_behind():
+    # In a fresh process whose intra-op threads start inside the scope: the calling thread
+    # flushes there, and after the scope a parallel loop over subnormals (threads of the
+    # pool included) keeps every one of them: no thread was left flushing.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import torch; torch.set_num_threads(2)\n"
+        "from torchhet.device import arithmetic, flushing_subnormals\n"
+        "with arithmetic():\n"
+        "    inside = flushing_subnormals()\n"
+        "    torch.zeros(1 << 20).add_(1.0)\n"
+        "x = torch.full((1 << 20,), 1e-39)\n"
+        "print(inside, int((x * 1.0 != 0).sum()), 1 << 20)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": ROOT},
+                         check=True).stdout.split()
+    assert out[0] == "True" and out[1] == out[2], out

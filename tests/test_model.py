@@ -145,34 +145,32 @@ def test_paired_forward_is_the_models_and_its_gradient_autodiffs(depth):
     np.testing.assert_allclose(np.asarray(dx[1]), np.asarray(dx[0]), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_lean_forward_is_the_models_with_its_gradient(depth):
-    """torchhet.model.lean_forward (the first layer element-wise, the heads as one product:
-    what compile-update traces) gives the model's mu and var and, in float64, the loss's
-    gradient of every weight within 1e-13 of autograd through the model itself (sums in
-    another order)."""
+@pytest.mark.parametrize("depth,features", [(1, 1), (2, 1), (3, 1), (2, 3)])
+def test_lean_forward_is_the_models_with_its_gradient(depth, features):
+    """torchhet.model.lean_forward (the first layer element-wise when there is one input,
+    the heads as one product: what compile-update traces) gives the model's mu and var
+    and, in float64, the loss's gradient of every weight within 1e-13 of autograd through
+    the model itself (sums in another order)."""
     from torch.func import functional_call, grad
 
-    from hetcore import interchange
-    from torchhet.model import lean_forward, training_loss
-    from torchhet.weights import put
+    from torchhet.model import HeteroscedasticMLP, lean_forward, training_loss
 
-    state = interchange.draw_initial(16, depth, "float64", 4)
-    model = put(state, "float64", torch.device("cpu"), 16, depth)
+    torch.manual_seed(4)
+    model = HeteroscedasticMLP(16, depth, dtype=torch.float64, in_features=features)
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.uniform(-3, 3, (40, 1)))
-    y = torch.sin(x) + 0.1 * torch.from_numpy(rng.standard_normal((40, 1)))
+    x = torch.from_numpy(rng.uniform(-3, 3, (40, features)))
+    y = torch.sin(x[:, :1]) + 0.1 * torch.from_numpy(rng.standard_normal((40, 1)))
     weights = {n: p.detach() for n, p in model.named_parameters()}
-    for a, b in zip(model(x), lean_forward(weights, x, depth)):
+    for a, b in zip(model(x), lean_forward(weights, x)):
         np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-14,
                                    atol=1e-15)
 
     def loss(w, f):
         return training_loss("beta-nll", *f(w), y, False, 0.5)
 
-    ours = grad(loss)(weights, lambda w: lean_forward(w, x, depth))
+    ours = grad(loss)(weights, lambda w: lean_forward(w, x))
     theirs = grad(loss)(weights, lambda w: functional_call(model, w, (x,)))
-    assert ours.keys() == theirs.keys() == state.keys()
-    for n in state:
+    assert ours.keys() == theirs.keys() == weights.keys()
+    for n in weights:
         np.testing.assert_allclose(ours[n].numpy(), theirs[n].numpy(), rtol=0, atol=1e-13,
                                    err_msg=n)

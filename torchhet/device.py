@@ -56,24 +56,42 @@ def memory_bytes(device: torch.device) -> int:
 def flushing_subnormals() -> bool:
     """Whether this thread's CPU arithmetic flushes subnormal floats to zero (torch has a
     setter, torch.set_flush_denormal, and no getter: a subnormal float32 survives a
-    multiplication by one only when nothing is flushed)."""
-    return torch.tensor(1e-39, dtype=torch.float32).mul(1.0).item() == 0.0
+    multiplication by one only when nothing is flushed). One answer for both of x86's
+    modes (FTZ, DAZ), as the setter sets both."""
+    return torch.tensor(1e-39, dtype=torch.float32, device="cpu").mul(1.0).item() == 0.0
+
+
+_POOL_STARTED = False
+
+
+def _start_intra_op_pool() -> None:
+    """Start torch's intra-op threads (OpenMP's team) before the first flush: a thread
+    inherits its creator's floating-point modes, so a team started under the flush would
+    keep it after the run, where the process had it off."""
+    global _POOL_STARTED
+    if not _POOL_STARTED:
+        torch.zeros(1 << 17).add_(1.0)  # above ATen's grain size: a parallel loop
+        _POOL_STARTED = True
 
 
 @contextlib.contextmanager
 def arithmetic(precision: str = "highest"):
     """Run the block with torch's float32 matmul precision for `precision` ("highest" or
-    "tf32") and, as XLA's CPU code always does, subnormal results flushed to zero on the
-    CPU (torch.set_flush_denormal: this thread's x86 FTZ and DAZ modes; a no-op where the
-    CPU has none). Then put the process's own settings back.
+    "tf32") and, as XLA's CPU code does, subnormal results flushed to zero on the CPU, then
+    put the process's own settings back.
 
-    Why flush: Adam's first moment of a weight whose gradient is exactly zero (a dead ReLU
-    unit's) decays by beta1 every update and becomes subnormal after about 750 updates;
-    x86 CPUs compute on subnormals through slow microcode, and a mini-batch update's
-    element-wise work took 3-6 times as long (docs/performance.md, 2026-12-02). Flushing
-    changes only values below 1.2e-38 in float32 (2.2e-308 in float64), which XLA flushes
-    as well: the frameworks agree more closely with it, not less."""
+    The flush is torch.set_flush_denormal's: this thread's x86 FTZ and DAZ modes (a no-op
+    where the CPU has none). It covers what this thread computes, which is where the
+    subnormals cost: the element-wise work of a small batch (ATen's loops below their
+    grain size, Inductor's one-thread loops in compile-update). torch's intra-op threads
+    (large element-wise loops, MKL's products) keep their own mode: started before the
+    first flush, they never inherit it. Why flush at all: Adam's first moment of a weight
+    whose gradient is exactly zero (a dead ReLU unit's) shrinks by beta1 every update and
+    becomes subnormal after about 750 updates, and x86 CPUs compute on subnormals through
+    slow microcode (docs/numerics.md, docs/performance.md). Flushing changes only values
+    below 1.2e-38 in float32 (2.2e-308 in float64), which XLA flushes as well."""
     before = torch.get_float32_matmul_precision()
+    _start_intra_op_pool()
     flushed = flushing_subnormals()
     torch.set_float32_matmul_precision(_TORCH_PRECISION[precision])
     torch.set_flush_denormal(True)

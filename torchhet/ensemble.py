@@ -97,7 +97,8 @@ class TorchEnsembleEngine:
         self.losses = torch.empty(self.length, self.members, dtype=DTYPES[s.dtype], device=dev)
         if self.compiled is not None:
             stand_in = self.x if s.full_batch(n) else self.x[None].repeat(self.members, 1, 1)
-            self.compiled.warm(whole.warm_calls(stand_in, stand_in, s, self.sizes, dim=1))
+            with arithmetic(self.precision):  # as every run of it
+                self.compiled.warm(whole.warm_calls(stand_in, stand_in, s, self.sizes, dim=1))
         self.compile_s = time.perf_counter() - t0
 
     def _value(self, trained: list[str], fixed: list[str]):

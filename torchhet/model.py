@@ -40,27 +40,29 @@ class HeteroscedasticMLP(torch.nn.Module):
         return mu, var
 
 
-def lean_forward(weights: dict, x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lean_forward(weights: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mu and var of the model with these weights (its state-dict names), its narrow products
     written as what they are, for code that a compiler turns into one graph (torchhet/whole.py).
 
     At a batch of a few hundred rows a CPU spends more on calling a matrix product than on
-    computing it, and the model's forward calls five of them whose inner or outer size is 1
-    or 2: the first layer's (one input), each head's (one output) and, in the backward
-    pass, their gradients, eleven products an update in all. Here the first layer is
-    `x * w + b`, an element-wise product (its weight gradient a column sum that the
+    computing it. At depth 2 the model's update calls eleven, eight of them narrow (an
+    inner or outer size of 1): the first layer's forward and weight gradient (one input),
+    and each head's forward, weight gradient and input gradient (one output). Here the
+    first layer is `x * w + b`, element-wise (its weight gradient a column sum that the
     compiler fuses into the ReLU's backward), and the two heads are one product with their
     weights side by side (one forward, one weight gradient, one input gradient): six
-    products an update. The same law; sums may be ordered differently (float64 agrees to
-    rounding, tests/test_model.py)."""
+    products an update at depth 2, three more for each further layer. The same law; sums
+    may be ordered differently (float64 agrees to rounding, tests/test_model.py)."""
     first, bias = weights["layers.0.weight"], weights["layers.0.bias"]
     if first.shape[1] == 1:
-        h = torch.relu(x * first.view(1, -1) + bias)
+        h = torch.relu(x * first.reshape(1, -1) + bias)
     else:
         h = torch.relu(torch.addmm(bias, x, first.t()))
-    for k in range(1, depth):
-        h = torch.relu(torch.addmm(weights[f"layers.{2 * k}.bias"], h,
-                                   weights[f"layers.{2 * k}.weight"].t()))
+    k = 2  # the trunk's Linear layers are layers.0, layers.2, ... (ReLUs between)
+    while f"layers.{k}.weight" in weights:
+        h = torch.relu(torch.addmm(weights[f"layers.{k}.bias"], h,
+                                   weights[f"layers.{k}.weight"].t()))
+        k += 2
     heads = torch.cat([weights["mean_head.weight"], weights["var_head.weight"]])
     out = torch.addmm(torch.cat([weights["mean_head.bias"], weights["var_head.bias"]]), h,
                       heads.t())

@@ -204,14 +204,14 @@ def make(model, x: torch.Tensor, y: torch.Tensor, settings: Settings, n_points: 
     """(run, step, opt, warmup_s) for torchhet.engine.Runner, and `batches`:
     batches(xe, ye, t) makes one epoch's updates on the gathered points xe, ye from update
     t and returns their losses (a device tensor, one a batch)."""
-    loss, beta, full, depth = settings.loss, settings.beta, settings.full, settings.depth
+    loss, beta, full = settings.loss, settings.beta, settings.full
     named = dict(model.named_parameters())
     trained, fixed = split(named, loss)
     opt = optim.make(settings, [named[n] for n in trained], x.device)
 
     def value(ps, qs, xb, yb, same):
         weights = {**dict(zip(trained, ps)), **dict(zip(fixed, qs))}
-        mu, var = lean_forward(weights, xb, depth)
+        mu, var = lean_forward(weights, xb)
         v = training_loss(loss, mu, var, yb, full, beta)
         return v, v
 
