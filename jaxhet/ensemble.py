@@ -77,11 +77,9 @@ MAP_FROM_WIDTH = 512
 
 
 # XLA's CPU batched products run Eigen's product one member after another; YNNPACK's
-# (XLA's "ynn" dot fusion, full float32, opt-in per program) run them batched. Measured on
-# the 2-core CPU (docs/performance.md, 2026-12-02 evening): 16 members at width 64, the
-# vmapped epoch 2.2 ms against 2.6-2.8 with Eigen's (its forward and input-gradient
-# products 1.6-1.8x faster). No gain at width 512 (8 members, vmap or map) nor on the
-# lecture's one model, which therefore keep Eigen's; float64 products are not YNNPACK's.
+# (XLA's "ynn" dot fusion, full float32, opt-in per program) run them batched: faster for
+# an ensemble's members, no gain on one model nor at width 512 (docs/performance.md,
+# 2026-12-02 evening), which therefore keep Eigen's; float64 products are not YNNPACK's.
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
@@ -97,8 +95,9 @@ def compiler_options(dtype: str, members: str, dev) -> dict | None:
 
 def paired(settings: Settings, members: str, dev) -> bool:
     """Whether the members' first two layers run as jaxhet.model.first_pair: vmapped on a
-    CPU, where it took the 16 x width-64 epoch from 2.2 to 1.8 ms (float32, with YNN_DOTS;
-    docs/performance.md). A GPU's batched products take transposed operands as they come."""
+    CPU, where XLA's weight-gradient product from the (points, width) layout was the
+    epoch's slowest (docs/performance.md). A GPU's batched products take transposed
+    operands as they come."""
     return _batched_on_cpu(members, dev) and settings.depth >= 2
 
 

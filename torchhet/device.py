@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import numpy as np
@@ -61,17 +62,12 @@ def flushing_subnormals() -> bool:
     return torch.tensor(1e-39, dtype=torch.float32, device="cpu").mul(1.0).item() == 0.0
 
 
-_POOL_STARTED = False
-
-
+@functools.cache
 def _start_intra_op_pool() -> None:
-    """Start torch's intra-op threads (OpenMP's team) before the first flush: a thread
-    inherits its creator's floating-point modes, so a team started under the flush would
-    keep it after the run, where the process had it off."""
-    global _POOL_STARTED
-    if not _POOL_STARTED:
-        torch.zeros(1 << 17).add_(1.0)  # above ATen's grain size: a parallel loop
-        _POOL_STARTED = True
+    """Start torch's intra-op threads (OpenMP's team), once, before the first flush: a
+    thread inherits its creator's floating-point modes, so a team started under the flush
+    would keep it after the run, where the process had it off."""
+    torch.zeros(1 << 17).add_(1.0)  # above ATen's grain size: a parallel loop
 
 
 @contextlib.contextmanager
