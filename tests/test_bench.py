@@ -124,6 +124,30 @@ def test_the_same_variant_injected_agrees(tmp_path):
     assert code == 0
 
 
+def test_a_benchmark_where_nothing_ran_reports_why_and_exits_1(tmp_path, capsys,
+                                                                monkeypatch):
+    """Every variant failing is a report (each variant's error in the table and the JSON)
+    and exit 1, not a traceback from the report's writer."""
+
+    def failing(w, x, y, settings):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(variants, "trial", lambda *args, **kwargs: failing)
+    code, out = _run(tmp_path, "--variants", "torch:eager", "--check", "float32",
+                     "--repeats", "1", extra_variants={"failing": failing})
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: variants disagree") and "no variant ran" in err
+    report = json.loads((out / "bench.json").read_text())
+    assert not report["agreement"]["ok"]
+    assert report["agreement"]["failures"][1:] == [
+        f"{name}: did not run (RuntimeError: no kernel for this)"
+        for name in ("torch:eager", "failing")]
+    table = (out / "bench.txt").read_text()
+    assert "torch:eager              failed: RuntimeError: no kernel for this" in table
+    assert "agreement: FAILED" in table
+
+
 @pytest.mark.slow
 def test_an_ensemble_is_timed_against_its_single_runs(tmp_path, capsys):
     """Each framework's ensemble program and K single runs train the same members (the

@@ -36,7 +36,8 @@ def agreement(rows: list[dict], check_epochs: int, f64: dict | None,
     variant already shows (its first update is wrong) and rounding does not."""
     ok_rows = [r for r in rows if "history" in r]
     if not ok_rows:
-        return {"ok": False, "reference": None, "failures": ["no variant ran"]}
+        return {"ok": False, "reference": None, "failures": ["no variant ran"] + [
+            f"{r['name']}: did not run ({r['error']})" for r in rows if "error" in r]}
     ref = ok_rows[0]
     failures = []
     k = min(check_epochs if stable else UNSTABLE_EPOCHS["float32"], len(ref["history"]))
@@ -138,10 +139,13 @@ def table(report: dict) -> str:
             f"{r['final_loss']:11.6f} {r['run_s']:7.2f}")
     a = report["agreement"]
     lines.append("")
-    lines.append("agreement: " + ("ok" if a["ok"] else "FAILED") +
-                 f" (float32 first {a['float32_epochs']} epochs within {a['float32_atol']:g} of "
-                 f"{a['reference']}" + (f"; float64 {a['float64']}" if a.get("float64") else "")
-                 + ")")
+    if a.get("reference") is None:  # nothing ran to compare
+        lines.append("agreement: FAILED")
+    else:
+        lines.append("agreement: " + ("ok" if a["ok"] else "FAILED") +
+                     f" (float32 first {a['float32_epochs']} epochs within "
+                     f"{a['float32_atol']:g} of {a['reference']}"
+                     + (f"; float64 {a['float64']}" if a.get("float64") else "") + ")")
     lines += [f"  {f}" for f in a["failures"]]
     speedup = report.get("ensemble_speedup_over_singles")
     if speedup:
