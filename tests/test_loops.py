@@ -306,3 +306,33 @@ def test_the_flush_is_the_calling_threads_and_leaves_none_behind():
                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": ROOT},
                          check=True).stdout.split()
     assert out[0] == "True" and out[1] == out[2], out
+
+
+@pytest.mark.slow
+def test_compile_update_checks_in_full_a_call_warm_up_did_not_compile(problem, monkeypatch):
+    # compile-update evaluates only the guards that tell its graphs apart on calls that
+    # warm-up compiled (torchhet/whole.py). Warm-up here compiles one graph, four updates;
+    # single updates (a replay's) then must not run it: four of them from the same weights
+    # equal one call of four to rounding, where the four-update graph would take 16.
+    from torchhet import whole
+    from torchhet.model import HeteroscedasticMLP
+
+    monkeypatch.setattr(whole, "CALL_BATCHES", 4)
+    state, x, y, s = problem
+    s = s.replace(device="cpu", optimizer="adam", lr=0.01, batch_size=10, shuffle_seed=1)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+
+    def made():
+        model = HeteroscedasticMLP(12, dtype=torch.float64)
+        model.load_state_dict({n: torch.from_numpy(a) for n, a in state.items()})
+        return model, whole.make(model, xs, ys, s, len(x))
+
+    one_call, (_, _, _, _, batches) = made()
+    assert whole.plan(4, False) == [4]  # the one graph warm-up compiles
+    batches(xs, ys, 0)  # through the warmed graph, its guards skipped
+    singles, (_, step, _, _, _) = made()
+    for b in range(4):
+        step(xs[10 * b:10 * b + 10], ys[10 * b:10 * b + 10], b)
+    for (n, a), b in zip(one_call.named_parameters(), singles.parameters()):
+        np.testing.assert_allclose(b.detach(), a.detach(), rtol=1e-12, atol=1e-14, err_msg=n)
+        assert not torch.equal(a.detach(), torch.from_numpy(state[n])), n  # it trained

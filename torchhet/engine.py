@@ -86,11 +86,11 @@ def unsupported(loop: str, settings: Settings, n_points: int) -> str | None:
     return None
 
 
-# compile-update against optim on the CPU (docs/performance.md, 2026-12-02): about 0.4 ms
-# saved an update on 2 cores (20,000 points, width 128, batches of 250, Adam: 43 ms an epoch
-# against 84 in the same run), for 17-30 s of compiling (Inductor's cache on disk spares
-# a second run its C++, not Dynamo's tracing). It finishes first from about this many
-# updates.
+# compile-update against optim on the CPU (docs/performance.md, 2026-12-03): about 0.5 ms
+# saved an update on 2 cores (20,000 points, width 128, batches of 250, Adam: 15 ms an epoch
+# against 58 in the same run), for 44 s of compiling the first time and 4-5 s once
+# Inductor's cache on disk holds its C++. It finishes first from about 80,000 updates the
+# first time, 10,000 after: a bound between the two.
 COMPILE_UPDATE_FROM = 60_000
 
 

@@ -96,9 +96,12 @@ class TorchEnsembleEngine:
         self.length = chunk_length(s.epochs, s.chunk_epochs, s.checkpoint_every)
         self.losses = torch.empty(self.length, self.members, dtype=DTYPES[s.dtype], device=dev)
         if self.compiled is not None:
-            stand_in = self.x if s.full_batch(n) else self.x[None].repeat(self.members, 1, 1)
+            # the run's own inputs, two tensors as in the run (one tensor passed twice
+            # would compile a graph that the run's calls do not take)
+            xs, ys = (self.x, self.y) if s.full_batch(n) else \
+                (a[None].repeat(self.members, 1, 1) for a in (self.x, self.y))
             with arithmetic(self.precision):  # as every run of it
-                self.compiled.warm(whole.warm_calls(stand_in, stand_in, s, self.sizes, dim=1))
+                self.compiled.warm(whole.warm_calls(xs, ys, s, self.sizes, dim=1))
         self.compile_s = time.perf_counter() - t0
 
     def _value(self, trained: list[str], fixed: list[str]):

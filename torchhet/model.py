@@ -49,10 +49,12 @@ def lean_forward(weights: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     inner or outer size of 1): the first layer's forward and weight gradient (one input),
     and each head's forward, weight gradient and input gradient (one output). Here the
     first layer is `x * w + b`, element-wise (its weight gradient a column sum that the
-    compiler fuses into the ReLU's backward), and the two heads are one product with their
-    weights side by side (one forward, one weight gradient, one input gradient): six
-    products an update at depth 2, three more for each further layer. The same law; sums
-    may be ordered differently (float64 agrees to rounding, tests/test_model.py)."""
+    compiler fuses into the ReLU's backward), and the two heads, their weights side by side,
+    are products summed over the width, element-wise too (their backward a column sum and
+    a broadcast product; as one product of two output columns they cost three MKL calls an
+    update: docs/performance.md, 2026-12-03). Three products an update at depth 2, three
+    more for each further layer. The same law; sums may be ordered differently (float64
+    agrees to rounding, tests/test_model.py)."""
     first, bias = weights["layers.0.weight"], weights["layers.0.bias"]
     if first.shape[1] == 1:
         h = torch.relu(x * first.reshape(1, -1) + bias)
@@ -64,8 +66,8 @@ def lean_forward(weights: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
                                    weights[f"layers.{k}.weight"].t()))
         k += 2
     heads = torch.cat([weights["mean_head.weight"], weights["var_head.weight"]])
-    out = torch.addmm(torch.cat([weights["mean_head.bias"], weights["var_head.bias"]]), h,
-                      heads.t())
+    out = (h.unsqueeze(1) * heads).sum(-1) + torch.cat([weights["mean_head.bias"],
+                                                         weights["var_head.bias"]])
     return out[:, :1], softplus(out[:, 1:]) + EPS
 
 

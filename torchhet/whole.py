@@ -6,12 +6,13 @@ optimiser's Python, a dozen small kernels each with its own dispatch and thread 
 epoch of 20,000 points in batches of 250 is 80 of them (docs/performance.md). Here the
 gradient comes from torch.func (`grad_and_value` of the loss through
 torchhet.model.lean_forward, the model's forward with its narrow products written as
-element-wise work and its two heads as one product: six products an update instead of
-eleven; autograd's own rules, traced instead of replayed) and the update from torch.optim's
+element-wise work and its two heads as sums over the width: three products an update
+instead of eleven; autograd's own rules, traced instead of replayed) and the update from torch.optim's
 functional step (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`: the same code the
-optimiser classes run), and `torch.compile` traces `CALL_BATCHES` consecutive updates into
-one graph (`fullgraph=True`): Inductor fuses each update's element-wise work into a few
-C++ loops around the products, and Python runs once per call, not once per kernel.
+optimiser classes run), and `torch.compile` traces several consecutive updates into one
+graph (`fullgraph=True`): Inductor fuses each update's element-wise work into a few C++
+loops around the products, and on a CPU its C++ wrapper (`cpp_wrapper`) calls them, so that
+no Python runs between the kernels of a call.
 
 What it keeps from the other loops:
 - the laws: torch.optim's own optimiser step (SGD with momentum and Nesterov, Adam,
@@ -25,9 +26,10 @@ What it keeps from the other loops:
   on the CPU), so that a float64 run's bias corrections are float64 and a CUDA run's step
   is the capturable one's;
 - the batches and their order: the epoch's points gathered once in the driver's order, a
-  call taking the next CALL_BATCHES consecutive batches, the rest of them (and a shorter
-  last batch) one a call: three graphs at most, compiled during warm-up. A full-batch run
-  groups its epochs so.
+  call taking the next CALL_BATCHES consecutive batches, the rest of them one call, and a
+  shorter last batch one: three graphs at most, the same every epoch, compiled during
+  warm-up. A full-batch run takes CALL_EPOCHS epochs a call and the rest of a chunk one by
+  one (chunks differ in length; two graphs whatever their lengths).
 
 It rounds as torch's multi-tensor (foreach) optimiser steps do, which is not the fused
 step of the `optim` loop: the same run to rounding (float64 to 1e-10 against the laws'
@@ -35,14 +37,25 @@ reference, tests/test_recipes.py; tests/test_loops.py). It does not rematerialis
 over devices. An ensemble (torchhet/ensemble.py) compiles its members' vmapped update
 through the same `Updates`.
 
-CALL_BATCHES trades compile time for speed: more updates a call spare Dynamo's guards and
-the call's own overhead, and lengthen the tracing, which Inductor's cache on disk does not
-spare (it keeps the C++). Four, as measured (docs/performance.md): eight gained little
-against its longer tracing.
+Updates a call trade compile time for speed: more of them spare the call's own overhead
+(Dynamo's cache lookup and guards, the wrapper's prologue, the copies of the state back
+into its tensors: about 0.1 ms a call on a CPU), and lengthen the tracing, which Inductor's
+cache on disk does not spare (it keeps the C++). A mini-batch update of a small model is
+about 0.2 ms, so the overhead decides: sixteen a call, as measured (docs/performance.md,
+2026-12-03). A full-batch epoch is longer, and its chunks differ: four.
+
+Once a call has been compiled in warm-up, its later calls evaluate only the guards that
+tell Dynamo's compiled graphs apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=
+True)`): every tensor's shape, strides and dtype still, and whatever guard once failed;
+the integer arguments (how many updates, of which size) are such guards only after a
+compile has seen them differ, and under that stance torch refuses to compile, so a call
+whose arguments warm-up did not compile runs with every guard (a replay's single update, a
+resumed run's new chunk length; tests/test_loops.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -52,7 +65,8 @@ from hetcore.settings import Settings
 from torchhet import optim
 from torchhet.model import lean_forward, training_loss
 
-CALL_BATCHES = 4  # updates traced into one graph (see the module docstring)
+CALL_BATCHES = 16  # mini-batch updates traced into one graph (see the module docstring)
+CALL_EPOCHS = 4  # full-batch epochs traced into one graph
 # Inductor's C++ kernels start an OpenMP team for every loop; for a batch's blocks of a
 # few thousand elements that start costs more than the loop itself. Below this many
 # elements in a batch's (rows, width) block the graph's own loops run on one thread (MKL's
@@ -113,10 +127,14 @@ def _state(opt: torch.optim.Optimizer, kind: str, momentum: float) -> list[list[
     return [avgs, sqs, steps]
 
 
-def plan(count: int) -> list[int]:
-    """Calls covering `count` updates: of CALL_BATCHES, the rest one by one (two graphs at
-    most, whatever the chunk lengths)."""
-    return [CALL_BATCHES] * (count // CALL_BATCHES) + [1] * (count % CALL_BATCHES)
+def plan(count: int, full_batch: bool) -> list[int]:
+    """Calls covering `count` updates. Full batches (a chunk's epochs, whose count varies
+    from chunk to chunk): of CALL_EPOCHS, the rest one by one, two graphs whatever the
+    chunk lengths. Mini-batches (an epoch's whole batches, the same count every epoch):
+    of CALL_BATCHES, the rest one call."""
+    per_call = CALL_EPOCHS if full_batch else CALL_BATCHES
+    whole, rest = divmod(count, per_call)
+    return [per_call] * whole + ([1] * rest if full_batch else [rest] if rest else [])
 
 
 class Updates:
@@ -159,10 +177,16 @@ class Updates:
 
         self.device = trained[0].device
         allow_recompiles()
-        options = {"cpp.threads": 1} if self.device.type == "cpu" and \
-            rows * settings.width < ONE_THREAD_BELOW else {}
+        options = {}
+        if self.device.type == "cpu":
+            # C++ calls the graph's kernels: a Python wrapper spent about 30 us an update
+            # of the mini-batch workload allocating and calling (docs/performance.md)
+            options["cpp_wrapper"] = True
+            if rows * settings.width < ONE_THREAD_BELOW:
+                options["cpp.threads"] = 1
         self.compiled = torch.compile(updates, fullgraph=True, dynamic=False,
                                       options=options)
+        self.warmed: set[tuple] = set()  # the calls warm-up compiled (see _key)
         self.trained, self.fixed, self.opt = trained, fixed, opt
         self.kind, self.momentum = kind, momentum
         self.schedule = optim.Schedule(settings, n_points)
@@ -173,7 +197,12 @@ class Updates:
         """Updates t .. t + count - 1; their losses, (count, ...) on the device."""
         lrs = torch.tensor([self.schedule(t + i) for i in range(count)], dtype=self.dtype,
                            device=self.device)
-        with torch.no_grad():
+        # The weights and state warm-up compiled on were copies of the same shapes; a call
+        # it did not compile is checked in full (see the module docstring)
+        lean = ps is None and _key(xs, ys, size, count, same) in self.warmed
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) \
+            if lean else contextlib.nullcontext()
+        with torch.no_grad(), stance:
             return self.compiled(
                 self.trained if ps is None else ps, self.fixed,
                 _state(self.opt, self.kind, self.momentum) if state is None else state,
@@ -188,9 +217,18 @@ class Updates:
                  for part in _state(self.opt, self.kind, self.momentum)]
         for xs, ys, size, count, same in calls:
             self(xs, ys, 0, size, count, same, ps=ps, state=state)
+            self.warmed.add(_key(xs, ys, size, count, same))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+
+def _key(xs, ys, size: int, count: int, same: bool) -> tuple:
+    """What tells one call of an Updates from another: its integer arguments and its
+    batches' layout, and whether they are one tensor (Dynamo compiles a graph that reads
+    both from one input then; the weights and state are the same tensors every call)."""
+    return (size, count, same, xs.shape, xs.stride(), ys.shape, ys.stride(), xs.dtype,
+            xs is ys)
 
 
 def split(named: dict, loss: str) -> tuple[list[str], list[str]]:
@@ -235,7 +273,7 @@ def make(model, x: torch.Tensor, y: torch.Tensor, settings: Settings, n_points: 
 def full_batches(call: Updates, x, y, start: int, count: int, losses: torch.Tensor) -> None:
     """Epochs start .. start + count - 1 of a full-batch run, their losses into losses[:count]."""
     i = 0
-    for k in plan(count):
+    for k in plan(count, True):
         losses[i:i + k] = call(x, y, start + i, x.shape[0], k, True)
         i += k
 
@@ -246,7 +284,7 @@ def through_batches(call: Updates, xe, ye, t: int, sizes: list[int], dim: int = 
     whole, last = sizes[0], sizes[-1]
     n_whole = len(sizes) - (last != whole)
     out, start, b = [], 0, 0
-    for count in plan(n_whole):
+    for count in plan(n_whole, False):
         out.append(call(xe.narrow(dim, start, count * whole), ye.narrow(dim, start, count * whole),
                         t + b, whole, count, False))
         start, b = start + count * whole, b + count
@@ -258,16 +296,17 @@ def through_batches(call: Updates, xe, ye, t: int, sizes: list[int], dim: int = 
 
 def warm_calls(x, y, settings: Settings, sizes: list[int], dim: int = 0) -> list[tuple]:
     """The calls (xs, ys, size, count, same) a run makes, one of each graph: for full
-    batches a call of CALL_BATCHES epochs if a chunk is that long and one of one; for
-    mini-batches CALL_BATCHES batches, one, and the shorter last one."""
+    batches a call of CALL_EPOCHS epochs if a chunk is that long and one of one; for
+    mini-batches CALL_BATCHES batches, the rest of the whole ones, and the shorter last
+    one."""
     whole, last = sizes[0], sizes[-1]
     if len(sizes) == 1:
         longest = chunk_length(settings.epochs, settings.chunk_epochs,
                                settings.checkpoint_every)
-        return [(x, y, whole, k, True) for k in sorted(set(plan(longest)) | {1})]
+        return [(x, y, whole, k, True) for k in sorted(set(plan(longest, True)) | {1})]
     n_whole = len(sizes) - (last != whole)
     calls = [(x.narrow(dim, 0, whole * k), y.narrow(dim, 0, whole * k), whole, k, False)
-             for k in sorted(set(plan(n_whole)))]
+             for k in sorted(set(plan(n_whole, False)))]
     if last != whole:
         calls.append((x.narrow(dim, 0, last), y.narrow(dim, 0, last), last, 1, False))
     return calls
