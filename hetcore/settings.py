@@ -45,7 +45,7 @@ RECIPES = {
     "lecture": dict(epochs=LECTURE["epochs"], lr=LECTURE["lr"], loss="nll", optimizer="sgd",
                     momentum=0.0, nesterov=False, schedule="constant", warmup_steps=0),
     "calibrated": dict(epochs=1000, lr=1e-3, loss="nll", optimizer="adamw", weight_decay=2.0,
-                       schedule="cosine", warmup_steps=100, lr_end=0.0),
+                       schedule="cosine", warmup_steps=0, lr_end=0.0),
 }
 # What each option defaults to where it applies and the recipe does not say.
 OPTION_DEFAULTS = dict(beta=0.5, momentum=0.0, nesterov=False, weight_decay=1e-4,

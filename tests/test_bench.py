@@ -186,7 +186,8 @@ def test_a_workload_floor_times_its_own_shapes():
     (["--sweep", "--points", "10,x"], "--points"),
     (["--no-such-option"], "unrecognized"),
     (["--epochs", "many"], "--epochs"),
-    (["--recipe", "calibrated"], "--warmup-steps 100: longer than the run's 12 updates"),
+    (["--recipe", "calibrated", "--warmup-steps", "100"],
+     "--warmup-steps 100: longer than the run's 12 updates"),
     (["--ensemble", "3", "--variants", "jax:scan"], "an ensemble's variants are"),
     (["--variants", "jax:singles"], "give --ensemble K"),
     (["--ensemble", "3", "--variants", "torch:ensemble-map"], "torch's ensemble variants are"),
@@ -379,7 +380,7 @@ def test_the_tf32_option_is_the_runs_own(monkeypatch, small_state, small_data):
 @pytest.mark.slow
 def test_a_recipe_is_benchmarked_as_the_train_command_runs_it(tmp_path, capsys):
     # The run's training options reach every variant (and its short memory run, whose
-    # warm-up the recipe's 100 updates would outlast).
+    # updates a warm-up of 100 would outlast).
     code, out = _run(tmp_path, "--variants", "jax:scan,torch:optim", "--check", "float32",
                      "--recipe", "calibrated", "--batch-size", "16", "--warmup-steps", "5")
     assert code == 0, capsys.readouterr().err
