@@ -312,8 +312,9 @@ def test_the_flush_is_the_calling_threads_and_leaves_none_behind():
 def test_compile_update_checks_in_full_a_call_warm_up_did_not_compile(problem, monkeypatch):
     # compile-update evaluates only the guards that tell its graphs apart on calls that
     # warm-up compiled (torchhet/whole.py). Warm-up here compiles one graph, four updates;
-    # single updates (a replay's) then must not run it: four of them from the same weights
-    # equal one call of four to rounding, where the four-update graph would take 16.
+    # single updates (a replay's) then must be checked in full and compiled: four of them
+    # from the same weights equal one call of four to rounding. (Under the cut guards torch
+    # refuses to compile, and without a compile the four-update graph could have run.)
     from torchhet import whole
     from torchhet.model import HeteroscedasticMLP
 

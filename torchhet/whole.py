@@ -199,9 +199,9 @@ class Updates:
                            device=self.device)
         # The weights and state warm-up compiled on were copies of the same shapes; a call
         # it did not compile is checked in full (see the module docstring)
-        lean = ps is None and _key(xs, ys, size, count, same) in self.warmed
+        seen = ps is None and _key(xs, ys, size, count, same) in self.warmed
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) \
-            if lean else contextlib.nullcontext()
+            if seen else contextlib.nullcontext()
         with torch.no_grad(), stance:
             return self.compiled(
                 self.trained if ps is None else ps, self.fixed,
