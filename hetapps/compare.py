@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if base.framework == "both":
         raise UsageError("--framework both: the comparison fits in one framework; choose jax "
                          "or torch (train.py --framework both compares the frameworks)")
-    out = args.out or outputs.default_out("compare")
-    outputs.check_out(out, args.overwrite)
+    out = outputs.out_or_default(args.out, lambda: outputs.default_out("compare"))
+    outputs.check_out(out, args.overwrite, (base.data, base.test_data, base.init_from))
     host_malloc = hostmem.keep_freed_memory()
     backend = registry.backend(base.framework)
     device = backend.resolve_device(base.device)

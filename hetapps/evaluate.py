@@ -98,8 +98,9 @@ def predict(backend, weights: dict, x: np.ndarray, device: str) -> tuple[np.ndar
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or outputs.default_out(f"evaluate-{args.framework}")
-    outputs.check_out(out, args.overwrite)
+    out = outputs.out_or_default(args.out,
+                                 lambda: outputs.default_out(f"evaluate-{args.framework}"))
+    outputs.check_out(out, args.overwrite, (args.weights, args.data))
     weights, width, depth, dtype, members = interchange.read_model(args.weights)
     meta = interchange.read_metadata(args.weights)
     constant = interchange.constant_sigma(meta, members, f"--weights {args.weights}")
@@ -109,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
 
     def check_fits(n: int, label: str) -> None:
         # the data, the predictions (each member's too) and one batch's forward pass
-        check_predict_memory(width, depth, dtype, min(n, PREDICT_BATCH),
-                             backend.memory_bytes(device) - (64 + 16 * (members or 0)) * n,
+        held = (64 + 16 * (members or 0)) * n
+        capacity = backend.memory_bytes(device)
+        if held > capacity:
+            raise UsageError(f"{label}: {n} points and their predictions need about "
+                             f"{held / 2**30:.1f} GiB, more than the {capacity / 2**30:.1f} "
+                             f"GiB of {backend.describe(device)}")
+        check_predict_memory(width, depth, dtype, min(n, PREDICT_BATCH), capacity - held,
                              backend.describe(device), label)
 
     if args.data is None and args.n_points is not None:

@@ -97,6 +97,11 @@ class Parser(argparse.ArgumentParser):
     """argparse whose refusals are one line, `error: ...`, exit status 2, as every other
     bad input of the commands (no usage block before it)."""
 
+    def __init__(self, *args, **kwargs):
+        # an abbreviation would be taken for another option (--data for --data-parallel)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 

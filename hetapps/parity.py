@@ -26,12 +26,16 @@ import numpy as np
 from hetapps import options, registry
 from hetcore import criteria, data, driver, figures, interchange, metrics, outputs
 from hetcore.errors import UsageError
-from hetcore.settings import BACKENDS, Settings
+from hetcore.settings import BACKENDS, Settings, check_memory, check_predict_memory
 
 INITS = ("torch", "jax")
 DTYPE_CHOICES = ("float32", "float64", "both")
 DEFAULT_FLOOR_RUNS = 2
 DEFAULT_GRID_POINTS = 1001
+# Each twin run is a whole training run; a band's grid is predicted in one call per
+# framework. Past these bounds a request is a mistake, refused before any work.
+MAX_FLOOR_RUNS = 100
+MAX_GRID_POINTS = 10**6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,15 +107,30 @@ def resolve(args: argparse.Namespace, modules: dict | None = None) -> Inputs:
     Raises UsageError (one line) on anything wrong, before any training.
     """
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
-    if isinstance(args.floor_runs, bool) or args.floor_runs < 1:
-        raise UsageError(f"--floor-runs: must be at least 1, got {args.floor_runs}")
-    if args.grid_points < 2:
-        raise UsageError(f"--grid-points: must be at least 2, got {args.grid_points}")
+    if isinstance(args.floor_runs, bool) or not 1 <= args.floor_runs <= MAX_FLOOR_RUNS:
+        raise UsageError(f"--floor-runs: must be from 1 to {MAX_FLOOR_RUNS}, got "
+                         f"{args.floor_runs}")
+    if not 2 <= args.grid_points <= MAX_GRID_POINTS:
+        raise UsageError(f"--grid-points: must be from 2 to {MAX_GRID_POINTS:,}, got "
+                         f"{args.grid_points}")
     base = options.settings(args, framework="both", dtype=dtypes[0])
     modules = modules or {n: registry.backend(n) for n in BACKENDS}
-    for m in modules.values():
-        m.resolve_device(base.device)  # unavailable device: usage error, before any work
+    devices = {n: m.resolve_device(base.device)  # unavailable: usage error, before any work
+               for n, m in modules.items()}
+
+    def check_fits(n_points: int) -> None:  # in the wider dtype, as the train command does
+        for n, m in modules.items():
+            capacity, where = m.memory_bytes(devices[n]), m.describe(devices[n])
+            check_memory(base.replace(dtype=dtypes[-1]), n_points, capacity, where)
+            # the bands are predicted on the grid (and the held-out draw) in one call
+            check_predict_memory(base.width, base.depth, dtypes[-1],
+                                 max(args.grid_points, n_points), capacity, where,
+                                 f"--grid-points {args.grid_points}")
+
+    if base.data is None:
+        check_fits(base.n_points)  # before drawing the points
     dataset = data.for_settings(base)  # checks finiteness in dtypes[0], the narrower one
+    check_fits(len(dataset.x))
     if base.init_from is not None and len(dtypes) > 1:
         w0, source = _file_weights(base.init_from, base.width, base.depth, base.ensemble)
     else:
@@ -400,8 +419,9 @@ def figure(sections: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or outputs.default_out("parity")
-    outputs.check_out(out, args.overwrite)
+    out = outputs.out_or_default(args.out, lambda: outputs.default_out("parity"))
+    outputs.check_out(out, args.overwrite,
+                      (getattr(args, "data", None), getattr(args, "init_from", None)))
     inp = resolve(args)
     sections = verify(inp, args.floor_runs, args.quiet)
     rep = report(inp, sections, args.floor_runs)

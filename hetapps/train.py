@@ -262,13 +262,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         settings, out, ckpts = resume_plan(args)
     else:
         settings = options.settings(args)
-        out = args.out or outputs.default_out(settings.framework)
+        out = outputs.out_or_default(args.out,
+                                     lambda: outputs.default_out(settings.framework))
     settings = launch.torchrun_world(settings, options.given(args))
     # Process 0 writes the run, and alone checks where (every process knows its index
     # before it waits for the others, so that a refusal comes before any wait).
     hinted = launch.worker_rank() if launch.worker_rank() is not None else args.process_id
     if args.resume is None and not hinted:
-        outputs.check_out(out, args.overwrite)
+        outputs.check_out(out, args.overwrite,
+                          (settings.data, settings.test_data, settings.init_from))
     names = registry.names(settings.framework)
     host_malloc = hostmem.keep_freed_memory()  # before a framework allocates anything
     backends = {n: registry.backend(n) for n in names}

@@ -21,8 +21,15 @@ from hetcore.errors import UsageError
 RUN_FILES = ("metrics.json", "predictions.csv", "test_predictions.csv",
              "initial_weights.safetensors", "weights.safetensors", "fit.png", "fit.svg",
              "loss.png", "loss.svg", "calibration.png", "calibration.svg")
+ENSEMBLE_FILES = ("extrapolation.png", "extrapolation.svg")  # an ensemble's run adds them
 BOTH_FILES = ("parity.json", "parity.png", "parity.svg", "jax", "torch")
+# the loss comparison's (hetapps.compare): its three runs and their figure
+COMPARE_FILES = ("compare.json", "losses.png", "losses.svg", "mse", "nll", "beta-nll")
 CHECKPOINTS = ("checkpoint-jax.safetensors", "checkpoint-torch.safetensors")
+# What a finished run of any command may leave in --out: replacing a run (--overwrite)
+# removes those of them the new run does not write, so that the directory holds one run.
+# Anything else there is the user's and stays.
+OUTPUTS = RUN_FILES + ENSEMBLE_FILES + BOTH_FILES + COMPARE_FILES
 
 
 def default_out(framework: str, root: str = "runs") -> str:
@@ -35,8 +42,21 @@ def default_out(framework: str, root: str = "runs") -> str:
     return path
 
 
-def check_out(out: str, overwrite: bool) -> None:
-    """Refuse an --out that is a file, or that holds a run, unless overwrite."""
+def out_or_default(given: str | None, default) -> str:
+    """--out as given, or `default()` where it was not; an empty --out is refused (it is
+    not the default: the user named a directory and named none)."""
+    if given is None:
+        return default()
+    if not given.strip():
+        raise UsageError("--out: empty; name a directory, or leave --out out for one under "
+                         "runs/")
+    return given
+
+
+def check_out(out: str, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse an --out that is a file, that holds a run (unless overwrite), or that cannot
+    be created; and, with overwrite, one whose run's files include an input of this run
+    (`inputs`, paths): replacing the run would delete it."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a directory")
     if os.path.isdir(out) and not overwrite:
@@ -57,6 +77,32 @@ def check_out(out: str, overwrite: bool) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: cannot create it under {existing} (not writable)")
+    # Permission bits do not tell (root passes os.access under /proc or a read-only
+    # mount): create and remove a directory where the run's staging directory will go
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create it under {existing} "
+                         f"({e.strerror or e})") from None
+    if overwrite and os.path.isdir(out):
+        ours = {os.path.realpath(os.path.join(out, n)) for n in OUTPUTS}
+        for path in inputs:
+            real = os.path.realpath(path) if path else None
+            if real is not None and any(real == o or real.startswith(o + os.sep)
+                                        for o in ours):
+                raise UsageError(f"--out {out}: --overwrite would delete {path}, an input "
+                                 "of this run; choose another --out")
+
+
+def _remove_stale(src: str, dst: str) -> None:
+    """Remove from dst the outputs of an earlier run (OUTPUTS) that src does not bring."""
+    for name in OUTPUTS:
+        path = os.path.join(dst, name)
+        if os.path.lexists(path) and not os.path.lexists(os.path.join(src, name)):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 def _move_into(src: str, dst: str) -> None:
@@ -65,6 +111,8 @@ def _move_into(src: str, dst: str) -> None:
     for name in sorted(os.listdir(src)):
         s, d = os.path.join(src, name), os.path.join(dst, name)
         if os.path.isdir(s):
+            if os.path.isdir(d):  # a run's own subdirectory (jax/, torch/, ...)
+                _remove_stale(s, d)
             _move_into(s, d)
         else:
             os.replace(s, d)
@@ -96,7 +144,8 @@ def staged(out: str):
         with _sigterm_deferred():  # a stop arriving now waits until the run is in place
             if not os.path.exists(out):
                 os.rename(stage, out)  # one atomic step
-            else:
+            else:  # a run replaced (--overwrite) or a directory without one
+                _remove_stale(stage, out)
                 _move_into(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from hetcore.errors import UsageError
 
 BACKENDS = ("jax", "torch")  # the framework packages, jaxhet and torchhet
@@ -31,6 +33,9 @@ LECTURE = dict(epochs=500, lr=1e-3, n_points=500, width=512, depth=2, dtype="flo
 MAX_EPOCHS = 10**7  # a loss history of 80 MB; more is refused before any work
 MAX_ENSEMBLE = 4096  # members trained together; each is a whole model in memory
 MAX_DEVICES = 4096  # data-parallel devices (or processes); more than any machine has
+# Trunk layers: each is its own operation in every compiled program (tracing and compiling
+# grow with depth, not with memory, so the memory check cannot catch a depth of 10**5)
+MAX_DEPTH = 100
 DEVICE_LOOPS = {"jax": ("scan",), "torch": ("eager", "optim")}  # the loops that shard
 # The loops an ensemble's program has: its own (auto), JAX's scan, torch's compiled one
 ENSEMBLE_LOOPS = {"jax": ("auto", "scan"), "torch": ("auto", "compile-update"),
@@ -319,6 +324,8 @@ def validate(s: Settings) -> None:
     _check_int("--n-points", s.n_points, 1)
     _check_int("--width", s.width, 1)
     _check_int("--depth", s.depth, 1)
+    if s.depth > MAX_DEPTH:
+        raise UsageError(f"--depth: at most {MAX_DEPTH} layers, got {s.depth}")
     _check_int("--chunk-epochs", s.chunk_epochs, 1)
     _check_int("--checkpoint-every", s.checkpoint_every, 0)
     _check_int("--ensemble", s.ensemble, 1)
@@ -340,6 +347,11 @@ def validate(s: Settings) -> None:
         raise UsageError(f"--lr: expected a number, got {s.lr!r}")
     if not math.isfinite(s.lr) or s.lr <= 0:
         raise UsageError(f"--lr: must be finite and positive, got {s.lr}")
+    if s.dtype in DTYPES:
+        with np.errstate(over="ignore", under="ignore"):
+            cast = float(np.asarray(s.lr, s.dtype))
+        if not 0 < cast < math.inf:  # overflows to inf or underflows to 0 in the run
+            raise UsageError(f"--lr: {s.lr} is {cast} in {s.dtype}, the run's dtype")
     if s.loop != "auto":
         for fw in ("jax", "torch") if s.framework == "both" else (s.framework,):
             if s.loop not in LOOPS[fw]:

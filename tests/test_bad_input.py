@@ -24,11 +24,11 @@ WRONG = {
     "--device": ["quantum", "gpu", "tpu"],
     "--preset": ["lecture2"],
     "--epochs": ["0", "-3", "1.5", "ten", ""],
-    "--lr": ["0", "-1e-3", "nan", "inf", "-inf", "fast"],
+    "--lr": ["0", "-1e-3", "nan", "inf", "-inf", "fast", "1e39", "1e-50"],  # float32: inf, 0
     "--seed": ["-1", "4294967296", "x"],
     "--n-points": ["0", "-5", "1e3"],
     "--width": ["0", "-1", "w"],
-    "--depth": ["0", "2.0"],
+    "--depth": ["0", "2.0", "101"],  # past MAX_DEPTH: compiling, not memory, would hang
     "--dtype": ["float16", "bfloat16", "int32"],
     "--chunk-epochs": ["0", "-2"],
     "--loop": ["fastest", "eager"],  # eager is a torch loop; the default framework is jax
@@ -116,6 +116,84 @@ def test_unknown_option_and_conflicts(capsys, existing_run):
     assert_refused(capsys, BASE + ["--framework", "torch", "--loop", "scan"], existing_run, "--loop")
     assert_refused(capsys, BASE + ["--width", "300000", "--depth", "2"], existing_run, "GiB")
     assert_refused(capsys, BASE + ["--n-points", "20000000000"], existing_run, "GiB")
+    # no abbreviations: bench's --data would otherwise be taken for --data-parallel
+    assert_refused(capsys, BASE + ["--epoch", "3"], existing_run, "--epoch")
+
+
+def _refused(capsys, command, argv, needle):
+    """command (a main) refuses argv: exit 2, one line naming `needle`."""
+    try:
+        code = command(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (argv, err)
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_an_out_that_cannot_hold_a_run_is_refused_before_any_work(capsys, tmp_path):
+    from hetapps.bench.command import main as bench
+    from hetapps.parity import main as parity
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # an empty --out taken for the default would write runs/ here
+    try:
+        for command, argv in ((main, BASE), (parity, BASE[:-1]),
+                              (bench, BASE[:-1] + ["--variants", "jax:scan"])):
+            _refused(capsys, command, argv + ["--out", ""], "--out: empty")
+            # permission bits would pass as root: the directory is really created and removed
+            _refused(capsys, command, argv + ["--out", "/proc/het-nowhere/run"],
+                     "--out /proc/het-nowhere/run: cannot create it")
+        assert os.listdir(tmp_path) == []
+    finally:
+        os.chdir(cwd)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    _refused(capsys, bench, BASE[:-1] + ["--out", str(afile)], "not a directory")
+    assert afile.read_text() == "mine"
+
+
+def test_absurd_sizes_are_refused_by_parity_and_bench_before_any_work(capsys, tmp_path):
+    from hetapps.bench.command import main as bench
+    from hetapps.parity import main as parity
+
+    out = tmp_path / "out"
+    for argv, needle in ((["--n-points", str(10**12)], "GiB"),
+                         (["--width", str(10**7), "--depth", "2"], "GiB"),
+                         (["--ensemble", "4096", "--width", "2048", "--depth", "2"], "GiB")):
+        _refused(capsys, parity, BASE[:-1] + argv + ["--out", str(out)], needle)
+        _refused(capsys, bench, BASE[:-1] + argv + ["--out", str(out)], needle)
+    for argv, needle in ((["--floor-runs", str(10**9)], "--floor-runs"),
+                         (["--grid-points", str(10**12)], "--grid-points"),
+                         # a model that trains in little memory, whose band on the grid would
+                         # not: the grid's predictions are one call
+                         (["--width", str(10**7), "--grid-points", "1001"], "--grid-points")):
+        _refused(capsys, parity, BASE[:-1] + argv + ["--out", str(out)], needle)
+    for argv, needle in ((["--repeats", str(10**9)], "--repeats"),
+                         (["--peak-size", str(10**7)], "--peak-size"),
+                         (["--repeat-seconds", "inf"], "--repeat-seconds"),
+                         (["--optimizer", "adam", "--warmup-steps", "100"], "--warmup-steps")):
+        _refused(capsys, bench, BASE[:-1] + argv + ["--out", str(out)], needle)
+    assert not out.exists()  # bench used to create --out before its checks
+
+
+def test_overwrite_replaces_the_whole_run_and_never_an_input(capsys, tmp_path):
+    from hetapps.evaluate import main as evaluate
+
+    out = tmp_path / "out"
+    assert main(BASE + ["--framework", "both", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(BASE + ["--out", str(out), "--overwrite"]) == 0
+    left = set(os.listdir(out))
+    # the earlier run's per-framework directories and comparison are gone; the user's file
+    # and the new run stay
+    assert not left & {"jax", "torch", "parity.json", "parity.png"}, left
+    assert {"notes.txt", "metrics.json", "weights.safetensors"} <= left
+    weights = (out / "weights.safetensors").read_bytes()
+    _refused(capsys, evaluate, ["--weights", str(out / "weights.safetensors"), "--n-points",
+                                "12", "--out", str(out), "--overwrite"],
+             "would delete")
+    assert (out / "weights.safetensors").read_bytes() == weights
 
 
 def _write_csv(path, text):

@@ -4,6 +4,7 @@ agrees, 1 when one does not, 2 on bad usage with one line `error: ...`)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -21,8 +22,9 @@ from hetapps.bench.timing import Settle, float64_finals, pin_threads, short, tim
 from hetapps.bench.variants import Framework, select
 from hetcore import hostmem
 from hetcore.errors import UsageError
+from hetcore import outputs
 from hetcore.outputs import write_json
-from hetcore.settings import BACKENDS, MAX_DEVICES
+from hetcore.settings import BACKENDS, MAX_DEVICES, check_memory
 
 ENV_KEYS = ("HET_HOST_MALLOC", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
             "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
@@ -98,18 +100,27 @@ def _ints(text: str, name: str) -> list[int]:
 def _positive(args, *names) -> None:
     for name in names:
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"{options.flag(name)}: must be positive, got {value}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{options.flag(name)}: must be positive and finite, got {value}")
+
+
+# Past these a request is a mistake, refused before any work: each repeat is a whole run of
+# every variant; the peak's three square matrices of 16384 take 3 GiB in float32.
+MAX_REPEATS = 1000
+MAX_PEAK_SIZE = 16384
+MAX_THREADS = 4096
+
+
+def _at_most(name: str, value, low: int, high: int) -> None:
+    if value is not None and not low <= value <= high:
+        raise UsageError(f"{name}: must be from {low} to {high}, got {value}")
 
 
 def check_args(args) -> None:
     """The benchmark's own options (the run's are checked as Settings)."""
-    if args.repeats < 1:
-        raise UsageError(f"--repeats: must be at least 1, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads: must be at least 1, got {args.threads}")
-    if args.peak_size is not None and args.peak_size < 1:
-        raise UsageError(f"--peak-size: must be at least 1, got {args.peak_size}")
+    _at_most("--repeats", args.repeats, 1, MAX_REPEATS)
+    _at_most("--threads", args.threads, 1, MAX_THREADS)
+    _at_most("--peak-size", args.peak_size, 1, MAX_PEAK_SIZE)
     _positive(args, "memory_gib", "repeat_seconds", "max_epoch_s")
     if args.unroll is not None:
         _ints(args.unroll, "--unroll")
@@ -185,8 +196,16 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     unroll = None if args.unroll is None else _ints(args.unroll, "--unroll")
     precision = {"float32": "highest", "tf32": "tf32"}[args.precision]  # EngineOptions'
     variants = select(spec, fws, args.remat, unroll, precision, extra_variants, base.ensemble)
-    out = args.out or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    out = outputs.out_or_default(
+        args.out, lambda: os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S")))
+    outputs.check_out(out, overwrite=True)  # the benchmark's files replace their namesakes
+    if not args.sweep:  # (the sweep skips its points that would not fit, and says so)
+        widest = base.replace(dtype="float64" if args.check == "float64" else "float32")
+        check_memory(widest, base.n_points, memory_limit(fws),
+                     next(iter(fws.values())).describe)
+        x, y, w, source = workload(base)
+        base.check_run(len(x))  # a warm-up the run would not outlast
+    os.makedirs(out, exist_ok=True)  # every refusal above comes before anything is written
     size = args.peak_size or (4096 if kind == "gpu" else 2048)
     load_start = _load()
     device = {"kind": kind, "name": next(iter(fws.values())).describe,
@@ -229,8 +248,6 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
         log(f"wrote {out}/sweep.json, sweep.png, sweep.svg")
         return 0
 
-    x, y, w, source = workload(base)
-    base.check_run(len(x))  # a warm-up the run would not outlast: refused before any work
     if base.ensemble > 1 or batch is not None:
         # XLA's cost analysis counts a loop's body once: an epoch of batches (a scan) or
         # an ensemble's members (a map) would be undercounted; count the products
