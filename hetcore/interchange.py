@@ -128,6 +128,9 @@ def read(path: str, label: str = "--init-from", max_bytes: int | None = None
     # opens with 0x80, as a pickle does).
     header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
     looks_safetensors = brace == b"{" and 0 < header_len <= size - 8
+    if brace == b"{" and header_len > size - 8:  # a safetensors file cut short
+        raise UsageError(f"{label} {path}: not a valid safetensors file (truncated: its "
+                         f"header alone says {header_len} bytes, the file has {size})")
     if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise UsageError(
             f"{label} {path}: looks like a pickle or torch.save file, which is refused; "
