@@ -183,6 +183,14 @@ def _read_npz(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
         raise UsageError(f"{label} {path}: not a readable .npz file ({e})") from None
 
 
+def _number(text: str) -> float:
+    """A CSV field as a number: Python's float() but for its digit separators ("1_000" is
+    Python's literal syntax, not a number a CSV file holds)."""
+    if "_" in text:
+        raise ValueError(text)
+    return float(text)
+
+
 def _read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is fine
@@ -201,8 +209,8 @@ def _read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
         if len(row) != 2:
             raise UsageError(f"{label} {path}: line {line} has {len(row)} fields, expected 2")
         try:
-            xs.append(float(row[0]))
-            ys.append(float(row[1]))
+            xs.append(_number(row[0]))
+            ys.append(_number(row[1]))
         except ValueError:
             raise UsageError(f"{label} {path}: line {line} is not two numbers: {row!r}") from None
     return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)

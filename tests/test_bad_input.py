@@ -219,6 +219,7 @@ def data_files(tmp):
         (_write_csv(tmp / "nan.csv", "x,y\n1,nan\n"), "y[0]"),
         (_write_csv(tmp / "inf.csv", "x,y\n-inf,1\n"), "x[0]"),
         (_write_csv(tmp / "words.csv", "x,y\none,two\n"), "line 2"),
+        (_write_csv(tmp / "underscore.csv", "x,y\n1,2\n1_000,2\n"), "line 3"),
         (_write_csv(tmp / "nodata.csv", "x,y\n"), "no data points"),
         (_write_csv(tmp / "big.csv", "x,y\n1,1e39\n"), "finite float32"),
         (npz("missing", x=good), "missing array 'y'"),
