@@ -142,6 +142,10 @@ def sweep_figure(result: dict, peak_gflops: float, title: str):
                 title="memory (dashed: rematerialised)")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+    if rows:  # a sweep whose every point was skipped has nothing to label
+        axes[0].legend(fontsize=7)
+    else:
+        axes[0].text(0.5, 0.5, "no point ran: sweep.json says why", ha="center",
+                     transform=axes[0].transAxes)
     fig.tight_layout()
     return fig
