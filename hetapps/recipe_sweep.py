@@ -110,12 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
+            from None
+    if not seeds:
+        raise UsageError("--seeds: names no seed")
     names = [c.strip() for c in args.candidates.split(",") if c.strip()]
     table = {**CANDIDATES, "calibrated": dict(recipe="calibrated")}
     for name in names:
         if name not in table:
             raise UsageError(f"--candidates {name}: unknown; known: {', '.join(table)}")
+    outputs.check_out(args.out, overwrite=True)  # the sweep's files replace their namesakes
+    for name in names:  # every run's settings refused here, not half way through the sweep
+        for seed in seeds:
+            Settings(framework=args.framework, preset="none", seed=seed, dtype=args.dtype,
+                     device="cpu", **table[name])
     os.makedirs(args.out, exist_ok=True)
     results: dict = {}
     lines = [HEADER]

@@ -57,6 +57,8 @@ def check_out(out: str, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse an --out that is a file, that holds a run (unless overwrite), or that cannot
     be created; and, with overwrite, one whose run's files include an input of this run
     (`inputs`, paths): replacing the run would delete it."""
+    if not out.strip():
+        raise UsageError("--out: empty; name a directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a directory")
     if os.path.isdir(out) and not overwrite:
