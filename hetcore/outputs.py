@@ -62,7 +62,8 @@ def check_out(out: str, overwrite: bool, inputs: tuple = ()) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a directory")
     if os.path.isdir(out) and not overwrite:
-        held = [n for n in RUN_FILES + BOTH_FILES if os.path.exists(os.path.join(out, n))]
+        # any name a run writes: without --overwrite nothing there is replaced or removed
+        held = [n for n in OUTPUTS if os.path.lexists(os.path.join(out, n))]
         if held:
             raise UsageError(
                 f"--out {out}: already holds a run ({held[0]}); pass --overwrite to replace it"

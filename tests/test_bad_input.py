@@ -189,6 +189,13 @@ def test_overwrite_replaces_the_whole_run_and_never_an_input(capsys, tmp_path):
     # and the new run stay
     assert not left & {"jax", "torch", "parity.json", "parity.png"}, left
     assert {"notes.txt", "metrics.json", "weights.safetensors"} <= left
+    # a name some run writes (the loss comparison's nll/) is never replaced without
+    # --overwrite, even in a directory that holds no run of this command
+    mine = tmp_path / "mine"
+    (mine / "nll").mkdir(parents=True)
+    (mine / "nll" / "notes.txt").write_text("mine")
+    _refused(capsys, main, BASE + ["--out", str(mine)], "already holds a run (nll)")
+    assert (mine / "nll" / "notes.txt").read_text() == "mine"
     weights = (out / "weights.safetensors").read_bytes()
     _refused(capsys, evaluate, ["--weights", str(out / "weights.safetensors"), "--n-points",
                                 "12", "--out", str(out), "--overwrite"],
