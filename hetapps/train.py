@@ -260,6 +260,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     ckpts: dict = {}
     if args.resume is not None:
         settings, out, ckpts = resume_plan(args)
+        missing = [n for n in registry.names(settings.framework) if n not in ckpts]
+        if missing:  # (a run stopped between the frameworks' checkpoints)
+            print(f"--resume {out}: no checkpoint of {', '.join(missing)} there; "
+                  f"{' and '.join(missing)} trains from the first epoch, from the run's "
+                  "initial weights", flush=True)
     else:
         settings = options.settings(args)
         out = outputs.out_or_default(args.out,

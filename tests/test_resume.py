@@ -131,6 +131,21 @@ def test_resume_refusals(tmp_path, capsys):
     m_done, _ = results_of(done)
     assert m["loss_history"] == m_done["loss_history"]
 
+    # Of a --framework both run, one framework's checkpoint alone: that one resumes, the
+    # other trains from the start (saying so), and both end where the whole run ends.
+    both = str(tmp_path / "both")
+    assert main(small + ["--framework", "both", "--out", both]) == 0
+    capsys.readouterr()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / ck).write_bytes(open(os.path.join(both, ck), "rb").read())
+    assert main(["--resume", str(half), "--no-progress"]) == 0
+    assert "no checkpoint of torch there; torch trains from the first epoch" in \
+        capsys.readouterr().out
+    for fw in ("jax", "torch"):
+        assert results_of(str(half / fw))[0]["loss_history"] == \
+            results_of(os.path.join(both, fw))[0]["loss_history"]
+
 
 def test_damaged_checkpoints_are_refused(tmp_path):
     good = str(tmp_path / "good.safetensors")
