@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if base.framework == "both":
         raise UsageError("--framework both: the comparison fits in one framework; choose jax "
                          "or torch (train.py --framework both compares the frameworks)")
-    out = outputs.out_or_default(args.out, lambda: outputs.default_out("compare"))
+    out = outputs.default_out("compare") if args.out is None else args.out
     outputs.check_out(out, args.overwrite, (base.data, base.test_data, base.init_from))
     host_malloc = hostmem.keep_freed_memory()
     backend = registry.backend(base.framework)

@@ -98,8 +98,7 @@ def predict(backend, weights: dict, x: np.ndarray, device: str) -> tuple[np.ndar
 
 
 def run(args: argparse.Namespace) -> int:
-    out = outputs.out_or_default(args.out,
-                                 lambda: outputs.default_out(f"evaluate-{args.framework}"))
+    out = outputs.default_out(f"evaluate-{args.framework}") if args.out is None else args.out
     outputs.check_out(out, args.overwrite, (args.weights, args.data))
     weights, width, depth, dtype, members = interchange.read_model(args.weights)
     meta = interchange.read_metadata(args.weights)

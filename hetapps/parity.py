@@ -419,7 +419,7 @@ def figure(sections: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    out = outputs.out_or_default(args.out, lambda: outputs.default_out("parity"))
+    out = outputs.default_out("parity") if args.out is None else args.out
     outputs.check_out(out, args.overwrite,
                       (getattr(args, "data", None), getattr(args, "init_from", None)))
     inp = resolve(args)

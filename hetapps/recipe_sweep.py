@@ -123,19 +123,17 @@ def run(args) -> int:
         if name not in table:
             raise UsageError(f"--candidates {name}: unknown; known: {', '.join(table)}")
     outputs.check_out(args.out, overwrite=True)  # the sweep's files replace their namesakes
-    for name in names:  # every run's settings refused here, not half way through the sweep
-        for seed in seeds:
-            Settings(framework=args.framework, preset="none", seed=seed, dtype=args.dtype,
-                     device="cpu", **table[name])
+    # every run's settings, so that a bad one is refused here, not half way through
+    planned = {(name, seed): Settings(framework=args.framework, preset="none", seed=seed,
+                                      dtype=args.dtype, device="cpu", **table[name])
+               for name in names for seed in seeds}
     os.makedirs(args.out, exist_ok=True)
     results: dict = {}
     lines = [HEADER]
     for name in names:
         runs = []
         for seed in seeds:
-            s = Settings(framework=args.framework, preset="none", seed=seed, dtype=args.dtype,
-                         device="cpu", **table[name])
-            runs.append(evaluate(s))
+            runs.append(evaluate(planned[name, seed]))
             print(f"{name} seed {seed}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in runs[-1].items() if isinstance(v, float)), flush=True)
             results[name] = {"options": table[name], "runs": runs}

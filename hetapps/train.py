@@ -262,13 +262,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         settings, out, ckpts = resume_plan(args)
         missing = [n for n in registry.names(settings.framework) if n not in ckpts]
         if missing:  # (a run stopped between the frameworks' checkpoints)
-            print(f"--resume {out}: no checkpoint of {', '.join(missing)} there; "
-                  f"{' and '.join(missing)} trains from the first epoch, from the run's "
-                  "initial weights", flush=True)
+            print(f"--resume {out}: no checkpoint of {missing[0]} there; {missing[0]} trains "
+                  "from the first epoch, from the run's initial weights", flush=True)
     else:
         settings = options.settings(args)
-        out = outputs.out_or_default(args.out,
-                                     lambda: outputs.default_out(settings.framework))
+        out = outputs.default_out(settings.framework) if args.out is None else args.out
     settings = launch.torchrun_world(settings, options.given(args))
     # Process 0 writes the run, and alone checks where (every process knows its index
     # before it waits for the others, so that a refusal comes before any wait).

@@ -42,23 +42,13 @@ def default_out(framework: str, root: str = "runs") -> str:
     return path
 
 
-def out_or_default(given: str | None, default) -> str:
-    """--out as given, or `default()` where it was not; an empty --out is refused (it is
-    not the default: the user named a directory and named none)."""
-    if given is None:
-        return default()
-    if not given.strip():
-        raise UsageError("--out: empty; name a directory, or leave --out out for one under "
-                         "runs/")
-    return given
-
-
 def check_out(out: str, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse an --out that is a file, that holds a run (unless overwrite), or that cannot
     be created; and, with overwrite, one whose run's files include an input of this run
     (`inputs`, paths): replacing the run would delete it."""
-    if not out.strip():
-        raise UsageError("--out: empty; name a directory")
+    if not out.strip():  # (not the default: leaving --out out gives one under runs/)
+        raise UsageError("--out: empty; name a directory, or leave --out out for one under "
+                         "runs/")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a directory")
     if os.path.isdir(out) and not overwrite:

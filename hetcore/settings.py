@@ -347,11 +347,10 @@ def validate(s: Settings) -> None:
         raise UsageError(f"--lr: expected a number, got {s.lr!r}")
     if not math.isfinite(s.lr) or s.lr <= 0:
         raise UsageError(f"--lr: must be finite and positive, got {s.lr}")
-    if s.dtype in DTYPES:
-        with np.errstate(over="ignore", under="ignore"):
-            cast = float(np.asarray(s.lr, s.dtype))
-        if not 0 < cast < math.inf:  # overflows to inf or underflows to 0 in the run
-            raise UsageError(f"--lr: {s.lr} is {cast} in {s.dtype}, the run's dtype")
+    with np.errstate(over="ignore", under="ignore"):
+        cast = float(np.asarray(s.lr, s.dtype))
+    if not 0 < cast < math.inf:  # overflows to inf or underflows to 0 in the run
+        raise UsageError(f"--lr: {s.lr} is {cast} in {s.dtype}, the run's dtype")
     if s.loop != "auto":
         for fw in ("jax", "torch") if s.framework == "both" else (s.framework,):
             if s.loop not in LOOPS[fw]:

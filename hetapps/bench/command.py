@@ -196,8 +196,8 @@ def run(args, extra_variants: dict | None = None, log=print) -> int:
     unroll = None if args.unroll is None else _ints(args.unroll, "--unroll")
     precision = {"float32": "highest", "tf32": "tf32"}[args.precision]  # EngineOptions'
     variants = select(spec, fws, args.remat, unroll, precision, extra_variants, base.ensemble)
-    out = outputs.out_or_default(
-        args.out, lambda: os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S")))
+    out = os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S")) if args.out is None \
+        else args.out
     outputs.check_out(out, overwrite=True)  # the benchmark's files replace their namesakes
     if not args.sweep:  # (the sweep skips its points that would not fit, and says so)
         widest = base.replace(dtype="float64" if args.check == "float64" else "float32")
