@@ -98,14 +98,51 @@ class EpochConfig:
     batch: int  # points per batch; the last one of an epoch holds what is left
     batches: int  # batches (updates) per epoch
     devices: int = 1  # > 1: the program runs inside a shard_map over that many (parallel)
-    paired: bool = False  # the first two layers as model.first_pair (jaxhet.ensemble)
+    paired: bool = False  # the first two layers as model.first_pair (paired_layers)
 
 
-def epoch_config(settings: Settings, n_points: int) -> EpochConfig:
+# XLA's float32 CPU products through Eigen rather than YNNPACK (XLA's default for them):
+# faster for the products of 250 to 1,000 rows at widths up to 128 (a mini-batch's), slower
+# or level elsewhere, the lecture's included (a sweep over widths and batch sizes,
+# docs/performance.md, 2026-12-03 evening). Both run such small products on one thread.
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+EIGEN_MAX_WIDTH = 128
+EIGEN_ROWS = range(250, 1001)
+
+
+def _device(dev):
+    """The (first) device of a device or a mesh sharding."""
+    return dev.mesh.devices.flat[0] if hasattr(dev, "mesh") else dev
+
+
+def dot_options(dtype: str, width: int, rows: int, dev) -> dict | None:
+    """XLA options for a one-model program whose products have `rows` rows (a batch, or
+    a device's share of one) at `width`: EIGEN_DOTS where they are faster, else None."""
+    if (_device(dev).platform == "cpu" and dtype == "float32" and width <= EIGEN_MAX_WIDTH
+            and rows in EIGEN_ROWS):
+        return EIGEN_DOTS
+    return None
+
+
+def paired_layers(settings: Settings, dev) -> bool:
+    """Whether the first two layers train as jaxhet.model.first_pair (their forward is the
+    model's own; their backward takes w2's gradient as a canonical product): on a CPU,
+    where XLA takes that product from the (points, width) layout as a slower library's
+    call, for one model, a mini-batch and an ensemble's members alike (docs/performance.md,
+    2026-12-03 evening). Not with remat, whose segments save nothing inside them (the pair
+    keeps its own residuals), and not on a GPU, whose products take transposed operands as
+    they come."""
+    return _device(dev).platform == "cpu" and settings.depth >= 2 and not settings.remat
+
+
+def epoch_config(settings: Settings, n_points: int, dev) -> EpochConfig:
+    """The compiled epoch's configuration for a run's settings on `dev` (its device or
+    mesh sharding: parallel.placement)."""
     batch = n_points if settings.full_batch(n_points) else settings.batch_size
     return EpochConfig(settings.loss, settings.full, settings.remat,
                        optim.config(settings, n_points), n_points, batch,
-                       settings.batches(n_points), settings.devices)
+                       settings.batches(n_points), settings.devices,
+                       paired_layers(settings, dev))
 
 
 def shard_value_and_grad(params, graphdef, cfg: EpochConfig, x, y, h):
@@ -263,12 +300,12 @@ def compile_lowered(lowered, options: dict | None = None):
 
 
 def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y, h, device,
-                unroll: int = 1):
+                unroll: int = 1, options: dict | None = None):
     """(runner, compiled program) for `loop`: `runner(carry, n, start, orders) -> (carry,
     losses, failed)` runs the n epochs from epoch `start` (orders: their (n, N) orders, or
     None for full batches); `losses` and `failed` are device arrays whose first n entries
     are the chunk's losses and, after each epoch, the carry's `failed`. Nothing is read
-    back to the host."""
+    back to the host. `options`: XLA's, for the program (dot_options)."""
     sig = signature((carry, x, y, h))
     batched = cfg.batches > 1
     if loop == "scan":
@@ -281,10 +318,11 @@ def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y,
         example = i32(np.zeros((length, cfg.n_points), np.int32)) if batched else None
         if cfg.devices == 1:
             chunk = compile_once(_scan_jit, key, graphdef, length, cfg, unroll, carry, x, y,
-                                 h, example, i32(length), i32(0))
+                                 h, example, i32(length), i32(0), options=options)
         else:
             chunk = compile_once(_sharded_scan_jit, key, graphdef, length, cfg, unroll,
-                                 device.mesh, carry, x, y, h, example, i32(length), i32(0))
+                                 device.mesh, carry, x, y, h, example, i32(length), i32(0),
+                                 options=options)
 
         def runner(carry, n, start, orders=None):
             if batched:  # the masked tail's epochs take the chunk's last order again
@@ -298,7 +336,7 @@ def make_runner(loop: str, graphdef, cfg: EpochConfig, length: int, carry, x, y,
     key = ("step", graphdef, cfg, sig, device)
     example = np.zeros(cfg.n_points, np.int32) if batched else None
     step = compile_once(_step_jit, key, graphdef, cfg, carry, x, y, h, on,
-                        jax.device_put(i32(0), device), example)
+                        jax.device_put(i32(0), device), example, options=options)
 
     def runner(carry, n, start, orders=None):
         out = []
@@ -375,7 +413,7 @@ class JaxEngine:
         t0 = time.perf_counter()
         self.graphdef, params = put(weights, dtype, dev, PRECISIONS[options.matmul_precision],
                                     settings.width, settings.depth)
-        self.cfg = epoch_config(settings, x.shape[0])
+        self.cfg = epoch_config(settings, x.shape[0], dev)
         self.h = jax.device_put({**optim.hyper(settings, dtype),
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
         # (placed: eager init makes its step counts on the default device, not the mesh)
@@ -385,9 +423,10 @@ class JaxEngine:
         self.carry = new_carry(params, opt_state, dev)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
         length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
+        dots = dot_options(dtype, settings.width, -(-self.cfg.batch // self.cfg.devices), dev)
         self.runner, self.compiled = make_runner(self.loop, self.graphdef, self.cfg, length,
                                                  self.carry, self.x, self.y, self.h, dev,
-                                                 options.unroll)
+                                                 options.unroll, dots)
         self.programs = predict_programs(predict_jit, self.graphdef, self.cfg, params, self.h,
                                          dev, self.x, self.y, held_out)
         self.compile_s = time.perf_counter() - t0

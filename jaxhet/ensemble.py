@@ -25,7 +25,7 @@ from hetcore.errors import UsageError
 from hetcore.schedule import chunk_length
 from hetcore.settings import Settings
 from jaxhet import optim, parallel
-from jaxhet.engine import (_predict, compile_once, epoch, epoch_config, opt_leaves,
+from jaxhet.engine import (_device, _predict, compile_once, epoch, epoch_config, opt_leaves,
                            predict_on, predict_programs, restore_opt_state, signature)
 from jaxhet.model import PRECISIONS
 from jaxhet.weights import put, to_state_dict
@@ -84,21 +84,12 @@ YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 def _batched_on_cpu(members: str, dev) -> bool:
-    device = dev.mesh.devices.flat[0] if hasattr(dev, "mesh") else dev
-    return members == "vmap" and device.platform == "cpu"
+    return members == "vmap" and _device(dev).platform == "cpu"
 
 
 def compiler_options(dtype: str, members: str, dev) -> dict | None:
     """The ensemble program's XLA options: YNN_DOTS for vmapped float32 members on a CPU."""
     return YNN_DOTS if _batched_on_cpu(members, dev) and dtype == "float32" else None
-
-
-def paired(settings: Settings, members: str, dev) -> bool:
-    """Whether the members' first two layers run as jaxhet.model.first_pair: vmapped on a
-    CPU, where XLA's weight-gradient product from the (points, width) layout was the
-    epoch's slowest (docs/performance.md). A GPU's batched products take transposed
-    operands as they come."""
-    return _batched_on_cpu(members, dev) and settings.depth >= 2
 
 
 def members_loop(settings: Settings, options: EngineOptions) -> str:
@@ -140,8 +131,7 @@ class JaxEnsembleEngine:
         params = jax.device_put(stack_trees([p for _, p in puts]), at)
         self.members_loop = members_loop(settings, options)
         # every member's batches whole on its device: the points are not split
-        self.cfg = dataclasses.replace(epoch_config(settings, x.shape[0]), devices=1,
-                                       paired=paired(settings, self.members_loop, dev))
+        self.cfg = dataclasses.replace(epoch_config(settings, x.shape[0], dev), devices=1)
         self.h = jax.device_put({**optim.hyper(settings, dtype),
                                  "beta": np.asarray(settings.beta or 0.0, dtype)}, dev)
         opt_state = jax.device_put(jax.vmap(optim.transform(self.cfg.opt, self.h).init)(params),

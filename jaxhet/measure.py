@@ -13,7 +13,8 @@ from hetcore.settings import Settings
 from hetcore.timing import timed
 from jaxhet.device import enable_x64, resolve_device, x64_tracing
 from jaxhet import ensemble
-from jaxhet.engine import JaxEngine, _step, compile_lowered, loss_fn
+from jaxhet.engine import (JaxEngine, _step, compile_lowered, dot_options, loss_fn,
+                           paired_layers)
 from jaxhet.model import PRECISION
 from jaxhet.weights import put
 
@@ -83,7 +84,9 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
     ws = [r(*lead, 1, width)] + [r(*lead, width, width) for _ in range(depth - 1)]
     heads = r(*lead, width, 2)  # mean and variance heads side by side
     # an ensemble's products with the kernels its vmapped program is compiled with
-    options = ensemble.compiler_options(dtype, "vmap", dev) if members > 1 else None
+    # and a single model's with those of its own program
+    options = (ensemble.compiler_options(dtype, "vmap", dev) if members > 1
+               else dot_options(dtype, width, sizes[0], dev))
     program = compile_lowered(jax.jit(once).lower(xs, ghs, tail, ws, heads), options)
     return timed(lambda: program(xs, ghs, tail, ws, heads), _sync, repeats)
 
@@ -127,8 +130,9 @@ def activation_bytes(settings: Settings, x, y, weights) -> int:
     graphdef, params = put(weights, settings.dtype, dev)
     x, y = jax.device_put(x, dev), jax.device_put(y, dev)
     beta = np.asarray(settings.beta or 0.0, settings.dtype)
+    paired = paired_layers(settings, dev)  # as the run's program trains
     _, vjp = jax.vjp(lambda p: loss_fn(p, graphdef, x, y, settings.full, settings.remat,
-                                       settings.loss, beta), params)
+                                       settings.loss, beta, paired), params)
 
     def where(a):
         try:

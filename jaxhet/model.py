@@ -46,9 +46,9 @@ def first_pair(x, w1, b1, w2, precision):
     (W, W)), as the two Linear layers compute them, with a backward that computes w2's
     gradient as `h1^T @ g` from h1 recomputed in the (W, N) layout: element-wise from x,
     so no transpose is materialised and the product is canonical. XLA's CPU products take
-    `h1^T @ g` from (N, W) operands markedly slower (a batched one: an ensemble's;
-    docs/performance.md), which is why jaxhet.ensemble uses this; the other gradients are
-    autodiff's own formulas."""
+    `h1^T @ g` from (N, W) operands markedly slower (docs/performance.md), which is why
+    programs on a CPU train with this (jaxhet.engine.paired_layers); the other gradients
+    are autodiff's own formulas."""
     return _first_pair_fwd(x, w1, b1, w2, precision)[0]
 
 

@@ -1,6 +1,7 @@
 """Every training loop trains the same run: same losses from the same initial weights,
 warm-up that does not advance the weights, rematerialisation that changes memory only."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -154,6 +155,29 @@ def test_jax_variants_train_the_same_run(problem):
         np.testing.assert_allclose(r.loss_history, ref.loss_history, rtol=1e-12, atol=1e-13,
                                    err_msg=f"{loop} remat={remat} unroll={unroll}")
         assert r.final_loss == pytest.approx(ref.final_loss, rel=1e-12)
+
+
+def test_jax_cpu_programs_train_the_first_pair_and_it_changes_only_rounding(problem,
+                                                                             monkeypatch):
+    # On a CPU every JAX program trains the first two layers as model.first_pair (w2's
+    # gradient as a canonical product), but for remat, whose segments must stay whole, and
+    # a one-layer trunk; a mini-batch run with Adam trains as the unpaired program does.
+    import jaxhet.engine as je
+
+    state, x, y, s = problem
+    s = s.replace(framework="jax", device="cpu", batch_size=16, optimizer="adam", lr=0.01)
+    dev = jax.devices("cpu")[0]
+    assert je.paired_layers(s, dev)
+    assert not je.paired_layers(s.replace(remat=True), dev)
+    assert not je.paired_layers(s.replace(depth=1), dev)
+    seen = []
+    real = je.paired_layers
+    monkeypatch.setattr(je, "paired_layers", lambda *a: seen.append(real(*a)) or seen[-1])
+    paired = driver.train(jb, s, x, y, state)
+    assert seen and all(seen)
+    monkeypatch.setattr(je, "paired_layers", lambda *a: False)
+    plain = driver.train(jb, s, x, y, state)
+    assert_same_run(paired, plain)
 
 
 @pytest.mark.parametrize("framework,loop", [("torch", "optim"), ("jax", "scan")])
@@ -337,3 +361,30 @@ def test_compile_update_checks_in_full_a_call_warm_up_did_not_compile(problem, m
     for (n, a), b in zip(one_call.named_parameters(), singles.parameters()):
         np.testing.assert_allclose(b.detach(), a.detach(), rtol=1e-12, atol=1e-14, err_msg=n)
         assert not torch.equal(a.detach(), torch.from_numpy(state[n])), n  # it trained
+
+
+def test_narrow_float32_mini_batches_take_eigens_products_at_full_precision(small_state,
+                                                                            small_data):
+    """A float32 CPU program whose products have 250-1,000 rows at a width up to 128 is
+    compiled with Eigen's products (jaxhet.engine.dot_options), other shapes and float64
+    with XLA's default; the run keeps float32's full precision: its losses within a few
+    float32 roundings of the same run in float64 (bf16 or TF32 products would be ~1e-3
+    away)."""
+    import jaxhet.engine as je
+    from hetcore.interchange import cast
+
+    cpu = jax.devices("cpu")[0]
+    assert je.dot_options("float32", 128, 250, cpu) == je.EIGEN_DOTS
+    assert je.dot_options("float32", 128, 1000, cpu) == je.EIGEN_DOTS
+    for args in [("float32", 129, 250), ("float32", 64, 249), ("float32", 64, 1001),
+                 ("float64", 64, 250)]:
+        assert je.dot_options(*args, cpu) is None, args
+    state = small_state(width=32, depth=2, dtype="float64")
+    x, y = small_data(n=500, dtype="float64")
+    x32, y32, w32 = x.astype("float32"), y.astype("float32"), cast(state, "float32")
+    s = Settings(framework="jax", device="cpu", preset="none", width=32, n_points=500,
+                 batch_size=250, optimizer="adam", lr=0.01, epochs=4, dtype="float32")
+    assert "__ynn" not in je.JaxEngine(s, x32, y32, w32).compiled.as_text()
+    r32 = driver.train(jb, s, x32, y32, w32)
+    r64 = driver.train(jb, s.replace(dtype="float64"), x, y, state)
+    np.testing.assert_allclose(r32.loss_history, r64.loss_history, rtol=2e-6)
