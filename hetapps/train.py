@@ -169,12 +169,15 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
             x[:, 0], y[:, 0], beyond["grid"], beyond["predictions"]["mixture"],
             beyond["predictions"]["member_0"], f"beyond the data: {title}",
             beyond["true_mean"]), os.path.join(stage_dir, "extrapolation"))
+    # A resumed run times the epochs it ran, not those its checkpoint already held (a
+    # checkpoint of the final epoch runs none: no time an epoch to report).
+    ran = epochs - result.resumed_at
     metrics |= {
         "timing": {
             "compile_s": result.compile_s,
             "train_s": result.train_s,
-            "epochs": epochs,
-            "ms_per_epoch": 1e3 * result.train_s / epochs,
+            "epochs": ran,
+            "ms_per_epoch": 1e3 * result.train_s / ran if ran else None,
         },
         "versions": result.versions,
     }
@@ -201,8 +204,10 @@ def write_run(stage_dir: str, result: RunResult, dataset: data.Dataset, x: np.nd
 
 def summary(result: RunResult, metrics: dict) -> str:
     f, t = metrics["final"], metrics["timing"]
-    line = (f"{result.framework:5s} {result.device} {result.dtype}: {t['epochs']} epochs in "
-            f"{t['train_s']:.3f} s ({t['ms_per_epoch']:.3f} ms/epoch), compile {t['compile_s']:.2f} s"
+    rate = "" if t["ms_per_epoch"] is None else f" ({t['ms_per_epoch']:.3f} ms/epoch)"
+    resumed = f" (resumed at epoch {result.resumed_at})" if result.resumed_at else ""
+    line = (f"{result.framework:5s} {result.device} {result.dtype}: {t['epochs']} epochs"
+            f"{resumed} in {t['train_s']:.3f} s{rate}, compile {t['compile_s']:.2f} s"
             f"\n      final loss {f['loss']:.6f}  rmse {f['rmse']:.4f}  coverage 1/2/3 sigma "
             f"{f['coverage_1sigma']:.1%} / {f['coverage_2sigma']:.1%} / {f['coverage_3sigma']:.1%}")
     if "sigma_mae" in f:

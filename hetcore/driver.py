@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class RunResult:
     var: np.ndarray  # (N,) final variance
     final_loss: float  # loss of the final weights
     compile_s: float  # compile or warm-up seconds
-    train_s: float  # seconds of training proper
+    train_s: float  # seconds of training proper: of the epochs from resumed_at on
     versions: dict = field(default_factory=dict)
     loop: str = ""
     # On held-out data (when the run has them): the final predictions, and the training
@@ -51,6 +51,7 @@ class RunResult:
     member_losses: np.ndarray | None = None
     members: Prediction | None = None
     held_out_members: Prediction | None = None
+    resumed_at: int = 0  # the epoch a resumed run went on from (its checkpoint's); else 0
 
     @property
     def sigma(self) -> np.ndarray:
@@ -217,15 +218,16 @@ def train(backend: Backend, settings: Settings, x: np.ndarray, y: np.ndarray,
                                member=failed.member if k > 1 else None)
     final = engine.finish()
     if k > 1:
-        return _ensemble_result(backend, engine, settings, x, y, initial_weights, history,
-                                final, train_s, curve)
+        return replace(_ensemble_result(
+            backend, engine, settings, x, y, initial_weights, history, final, train_s, curve),
+            resumed_at=first)
     var, held = _mse_sigma(settings, y, final)
     return RunResult(
         framework=backend.NAME, device=engine.device, dtype=settings.dtype,
         loss_history=history.astype(settings.dtype), initial_weights=dict(initial_weights),
         weights=final.weights, mu=final.mu, var=var, final_loss=final.loss,
         compile_s=engine.compile_s, train_s=train_s, versions=backend.versions(),
-        loop=engine.loop, held_out=held, held_out_curve=_curve(curve),
+        loop=engine.loop, held_out=held, held_out_curve=_curve(curve), resumed_at=first,
     )
 
 

@@ -210,10 +210,13 @@ def constant_sigma(meta: dict, members: int | None, label: str) -> list[float] |
 def read_weights(path: str, width: int, depth: int, dtype: str, members: int = 1
                  ) -> dict[str, np.ndarray]:
     """Read and check an interchange file against the requested architecture and dtype;
-    members > 1: an ensemble's stacked file, a leading member axis of `members`."""
+    members > 1: an ensemble's stacked file, a leading member axis of `members`. Its
+    metadata is not used, but metadata that evaluate would refuse is refused here too: a
+    file whose metadata is broken is not one to train from."""
     itemsize = np.dtype(dtype).itemsize
     expected = sum(int(np.prod(s)) for s in shapes(width, depth).values()) * itemsize
     state = read(path, max_bytes=members * expected + HEADER_ALLOWANCE)
+    read_metadata(path, "--init-from")
     if members == 1:
         check(state, width, depth, dtype, label=f"--init-from {path}")
     else:

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from safetensors.numpy import save_file
 
 from hetcore import checkpoint, data, interchange
 from hetapps.train import main
@@ -289,6 +290,11 @@ def weight_files(tmp):
          "'var_head.weight' holds non-finite"),
         (st_file("huge", {**good, "padding": np.zeros(1 << 19, np.float32)}), "bytes is more"),
     ]
+    # good tensors under metadata that evaluate refuses: refused for training too
+    for name, meta in [("meta-json", "{not json"), ("meta-list", "[1, 2]")]:
+        p = tmp / f"{name}.safetensors"
+        save_file(good, str(p), metadata={interchange.METADATA_KEY: meta})
+        cases.append((p, f"metadata '{interchange.METADATA_KEY}' is not"))
     # bfloat16, which numpy cannot hold: refused as a dtype, not as a broken file
     header = json.dumps({"layers.0.weight": {"dtype": "BF16", "shape": [4, 1],
                                              "data_offsets": [0, 8]}}).encode()

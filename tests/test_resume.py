@@ -1,5 +1,6 @@
 """Checkpoints, resume after a real SIGKILL, and the same command giving the same bytes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -187,3 +188,29 @@ def test_spans_never_cross_a_checkpoint():
                                             (20, 3)]
     assert [s + n for s, n, c in got if c] == [10, 20, 23]
     assert list(schedule.spans(7, 9, 5, 0)) == [(7, 2, False)]
+
+
+def test_a_resumed_run_times_the_epochs_it_ran(tmp_path, capsys):
+    # The checkpoint's epochs were timed by the run that wrote them: a run resumed at epoch
+    # 5 of 10 reports 5 epochs, and one resumed at its final epoch reports none (no time an
+    # epoch), where both had divided this command's seconds by all 10.
+    out = str(tmp_path / "r")
+    argv = ["--preset", "none", "--width", "4", "--epochs", "10", "--n-points", "16",
+            "--checkpoint-every", "5", "--no-progress", "--framework", "jax"]
+    assert main(argv + ["--out", out]) == 0
+    path = os.path.join(out, checkpoint.filename("jax"))
+    final = checkpoint.load(path)
+    assert final.epoch == 10
+    for epoch, ran in [(5, 5), (10, 0)]:
+        checkpoint.save(path, dataclasses.replace(final, epoch=epoch,
+                                                  loss_history=final.loss_history[:epoch]))
+        os.remove(os.path.join(out, "metrics.json"))
+        capsys.readouterr()
+        assert main(["--resume", out, "--no-progress"]) == 0
+        t = results_of(out)[0]["timing"]
+        assert t["epochs"] == ran, epoch
+        if ran:
+            assert t["ms_per_epoch"] == pytest.approx(1e3 * t["train_s"] / ran)
+        else:
+            assert t["ms_per_epoch"] is None
+        assert f"{ran} epochs (resumed at epoch {epoch})" in capsys.readouterr().out
