@@ -183,7 +183,7 @@ def read_metadata(path: str, label: str = "--weights") -> dict:
         return {}
     try:
         value = json.loads(meta[METADATA_KEY])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # nested past the parser's depth: the latter
         raise UsageError(f"{label} {path}: metadata '{METADATA_KEY}' is not JSON ({e})") from None
     if not isinstance(value, dict):
         raise UsageError(f"{label} {path}: metadata '{METADATA_KEY}' is not a JSON object")
@@ -211,8 +211,8 @@ def read_weights(path: str, width: int, depth: int, dtype: str, members: int = 1
                  ) -> dict[str, np.ndarray]:
     """Read and check an interchange file against the requested architecture and dtype;
     members > 1: an ensemble's stacked file, a leading member axis of `members`. Its
-    metadata is not used, but metadata that evaluate would refuse is refused here too: a
-    file whose metadata is broken is not one to train from."""
+    metadata is not used, but metadata that is not a JSON object is refused (as evaluate
+    refuses it): a file whose metadata is broken is not one to train from."""
     itemsize = np.dtype(dtype).itemsize
     expected = sum(int(np.prod(s)) for s in shapes(width, depth).values()) * itemsize
     state = read(path, max_bytes=members * expected + HEADER_ALLOWANCE)

@@ -116,15 +116,16 @@ def _device(dev):
 
 
 def dot_options(dtype: str, width: int, rows: int, dev) -> dict | None:
-    """XLA options for a one-model program whose products have `rows` rows (a batch, or
-    a device's share of one) at `width`: EIGEN_DOTS where they are faster, else None."""
+    """XLA options for a one-model program whose products have `rows` rows (a whole
+    batch, or a device's share of one: a shorter last batch takes the same options, the
+    program's) at `width`: EIGEN_DOTS where they are faster, else None."""
     if (_device(dev).platform == "cpu" and dtype == "float32" and width <= EIGEN_MAX_WIDTH
             and rows in EIGEN_ROWS):
         return EIGEN_DOTS
     return None
 
 
-def paired_layers(settings: Settings, dev) -> bool:
+def paired_layers(depth: int, remat: bool, dev) -> bool:
     """Whether the first two layers train as jaxhet.model.first_pair (their forward is the
     model's own; their backward takes w2's gradient as a canonical product): on a CPU,
     where XLA takes that product from the (points, width) layout as a slower library's
@@ -132,7 +133,7 @@ def paired_layers(settings: Settings, dev) -> bool:
     2026-12-03 evening). Not with remat, whose segments save nothing inside them (the pair
     keeps its own residuals), and not on a GPU, whose products take transposed operands as
     they come."""
-    return _device(dev).platform == "cpu" and settings.depth >= 2 and not settings.remat
+    return _device(dev).platform == "cpu" and depth >= 2 and not remat
 
 
 def epoch_config(settings: Settings, n_points: int, dev) -> EpochConfig:
@@ -142,7 +143,7 @@ def epoch_config(settings: Settings, n_points: int, dev) -> EpochConfig:
     return EpochConfig(settings.loss, settings.full, settings.remat,
                        optim.config(settings, n_points), n_points, batch,
                        settings.batches(n_points), settings.devices,
-                       paired_layers(settings, dev))
+                       paired_layers(settings.depth, settings.remat, dev))
 
 
 def shard_value_and_grad(params, graphdef, cfg: EpochConfig, x, y, h):

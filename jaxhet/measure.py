@@ -45,7 +45,9 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
     hetcore.schedule.batch_sizes), per block the forward product, the weight gradient and
     (but for the first block) the input gradient; the heads' products likewise. members >
     1: an ensemble's, every product batched over the members. The updates run as one
-    program (a lax.map over the whole batches, then the shorter one)."""
+    program (a lax.map over the whole batches, then the shorter one). Where the run's
+    program pairs its first two layers (jaxhet.engine.paired_layers), the second layer's
+    weight gradient is taken as that program takes it, from the (width, rows) layout."""
     enable_x64(dtype)
     dev = resolve_device(device)
     rng = np.random.default_rng(0)
@@ -61,7 +63,7 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
 
     dot = lambda a, b: jnp.matmul(a, b, precision=PRECISION)  # noqa: E731
 
-    def update(x, gh, ws, heads):  # gh: the loss's gradient at the two heads' outputs
+    def update(x, gh, h1t, ws, heads):  # gh: the loss's gradient at the two heads' outputs
         hs, h = [], x
         for w in ws:
             h = dot(h, w)  # (rows, width)
@@ -70,25 +72,30 @@ def floor_seconds(n: int, width: int, depth: int, dtype: str, device: str, repea
         dh = dot(gh, tr(heads))  # heads: input gradient (rows, width)
         for k in range(depth - 1, -1, -1):
             inp = x if k == 0 else hs[k - 1]
-            outs.append(dot(tr(inp), dh))  # weight gradient (in, width)
+            # weight gradient (in, width); a paired second layer's from h1 laid out (width, rows)
+            outs.append(dot(h1t if k == 1 and h1t is not None else tr(inp), dh))
             if k > 0:
                 dh = dot(dh, tr(ws[k]))  # input gradient (rows, width)
         return outs
 
-    def once(xs, ghs, tail, ws, heads):
-        outs = jax.lax.map(lambda part: update(part[0], part[1], ws, heads), (xs, ghs))
+    def once(parts, tail, ws, heads):
+        outs = jax.lax.map(lambda part: update(*part, ws, heads), parts)
         return outs if tail is None else (outs, update(*tail, ws, heads))
 
-    xs, ghs = r(whole, *lead, sizes[0], 1), r(whole, *lead, sizes[0], 2)
-    tail = None if len(sizes) == whole else (r(*lead, sizes[-1], 1), r(*lead, sizes[-1], 2))
+    def inputs(*outer, rows):  # a batch's x, gh, and h1 laid out (width, rows) if paired
+        return (r(*outer, *lead, rows, 1), r(*outer, *lead, rows, 2),
+                r(*outer, *lead, width, rows) if paired_layers(depth, False, dev) else None)
+
+    parts = inputs(whole, rows=sizes[0])
+    tail = None if len(sizes) == whole else inputs(rows=sizes[-1])
     ws = [r(*lead, 1, width)] + [r(*lead, width, width) for _ in range(depth - 1)]
     heads = r(*lead, width, 2)  # mean and variance heads side by side
     # an ensemble's products with the kernels its vmapped program is compiled with
     # and a single model's with those of its own program
     options = (ensemble.compiler_options(dtype, "vmap", dev) if members > 1
                else dot_options(dtype, width, sizes[0], dev))
-    program = compile_lowered(jax.jit(once).lower(xs, ghs, tail, ws, heads), options)
-    return timed(lambda: program(xs, ghs, tail, ws, heads), _sync, repeats)
+    program = compile_lowered(jax.jit(once).lower(parts, tail, ws, heads), options)
+    return timed(lambda: program(parts, tail, ws, heads), _sync, repeats)
 
 
 def _cost(compiled) -> dict:
@@ -130,7 +137,7 @@ def activation_bytes(settings: Settings, x, y, weights) -> int:
     graphdef, params = put(weights, settings.dtype, dev)
     x, y = jax.device_put(x, dev), jax.device_put(y, dev)
     beta = np.asarray(settings.beta or 0.0, settings.dtype)
-    paired = paired_layers(settings, dev)  # as the run's program trains
+    paired = paired_layers(settings.depth, settings.remat, dev)  # as the run trains
     _, vjp = jax.vjp(lambda p: loss_fn(p, graphdef, x, y, settings.full, settings.remat,
                                        settings.loss, beta, paired), params)
 

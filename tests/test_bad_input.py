@@ -291,7 +291,8 @@ def weight_files(tmp):
         (st_file("huge", {**good, "padding": np.zeros(1 << 19, np.float32)}), "bytes is more"),
     ]
     # good tensors under metadata that evaluate refuses: refused for training too
-    for name, meta in [("meta-json", "{not json"), ("meta-list", "[1, 2]")]:
+    for name, meta in [("meta-json", "{not json"), ("meta-list", "[1, 2]"),
+                       ("meta-deep", "[" * 200_000)]:
         p = tmp / f"{name}.safetensors"
         save_file(good, str(p), metadata={interchange.METADATA_KEY: meta})
         cases.append((p, f"metadata '{interchange.METADATA_KEY}' is not"))

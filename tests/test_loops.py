@@ -167,9 +167,9 @@ def test_jax_cpu_programs_train_the_first_pair_and_it_changes_only_rounding(prob
     state, x, y, s = problem
     s = s.replace(framework="jax", device="cpu", batch_size=16, optimizer="adam", lr=0.01)
     dev = jax.devices("cpu")[0]
-    assert je.paired_layers(s, dev)
-    assert not je.paired_layers(s.replace(remat=True), dev)
-    assert not je.paired_layers(s.replace(depth=1), dev)
+    assert je.paired_layers(2, False, dev) and je.paired_layers(3, False, dev)
+    assert not je.paired_layers(2, True, dev)
+    assert not je.paired_layers(1, False, dev)
     seen = []
     real = je.paired_layers
     monkeypatch.setattr(je, "paired_layers", lambda *a: seen.append(real(*a)) or seen[-1])
