@@ -183,7 +183,7 @@ def read_metadata(path: str, label: str = "--weights") -> dict:
         return {}
     try:
         value = json.loads(meta[METADATA_KEY])
-    except (ValueError, RecursionError) as e:  # nested past the parser's depth: the latter
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past json's depth
         raise UsageError(f"{label} {path}: metadata '{METADATA_KEY}' is not JSON ({e})") from None
     if not isinstance(value, dict):
         raise UsageError(f"{label} {path}: metadata '{METADATA_KEY}' is not a JSON object")

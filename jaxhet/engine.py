@@ -42,7 +42,7 @@ from flax import nnx
 
 from hetcore.backend import Chunk, EngineOptions, Final, Prediction
 from hetcore.errors import UsageError
-from hetcore.schedule import chunk_length, remat_segments
+from hetcore.schedule import chunk_length, remat_segments, shard_bounds
 from hetcore.settings import LOOPS as ALL_LOOPS
 from hetcore.settings import Settings
 from jaxhet import optim, parallel
@@ -424,7 +424,8 @@ class JaxEngine:
         self.carry = new_carry(params, opt_state, dev)
         self.x, self.y = jax.device_put(x, dev), jax.device_put(y, dev)
         length = chunk_length(settings.epochs, settings.chunk_epochs, settings.checkpoint_every)
-        dots = dot_options(dtype, settings.width, -(-self.cfg.batch // self.cfg.devices), dev)
+        rows = shard_bounds(self.cfg.batch, self.cfg.devices, 0)[1]  # the largest share
+        dots = dot_options(dtype, settings.width, rows, dev)
         self.runner, self.compiled = make_runner(self.loop, self.graphdef, self.cfg, length,
                                                  self.carry, self.x, self.y, self.h, dev,
                                                  options.unroll, dots)
