@@ -16,6 +16,10 @@ COLORS = {"data": "#337538", "fit": "#2E2585", "band": "#94CBEC", "true": "#4444
 # Points a figure draws at most per data set: more only blacken the scatter and swell the
 # SVG (10^6 points are ~100 MB of it); above this, an evenly spaced subset in x is drawn.
 MAX_DRAWN = 5000
+# Scatters of data points are drawn as an image inside the SVG (lines, bands and text stay
+# vector): a fit figure of 5,000 points and 5,000 held-out ones was 3.7 MB of SVG paths and
+# 1.2 s to write, 0.34 MB and 0.6 s so.
+POINTS = {"rasterized": True}
 
 
 def _drawn(n: int) -> np.ndarray:
@@ -45,14 +49,14 @@ def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None, hel
         label = f"{label} ({order.size} of {n} drawn)"
     fig, (ax, rax) = plt.subplots(2, 1, figsize=(8, 6.8), dpi=120, sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1.25]})
-    ax.scatter(x, y, s=8, color=COLORS["data"], alpha=0.6, label=label, zorder=1)
+    ax.scatter(x, y, s=8, color=COLORS["data"], alpha=0.6, label=label, zorder=1, **POINTS)
     if held_out is not None:
         held_order = np.argsort(np.asarray(held_out[0]), kind="stable")
         held_order = held_order[_drawn(held_order.size)]
         held_out = tuple(np.asarray(a, np.float64)[held_order] for a in held_out)
         hx, hy = held_out[:2]
         ax.scatter(hx, hy, s=10, facecolors="none", edgecolors=COLORS["held"], linewidths=0.7,
-                   alpha=0.7, label="held-out data", zorder=1)
+                   alpha=0.7, label="held-out data", zorder=1, **POINTS)
     which = "mixture" if members is not None else "fit"
     for k, (mk, sk) in enumerate(members or ()):
         mk, sk = (np.asarray(a, np.float64)[order] for a in (mk, sk))
@@ -77,11 +81,11 @@ def fit_figure(x, y, mu, sigma, title: str, true_mean=None, true_sigma=None, hel
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9, framealpha=0.9)
 
-    rax.scatter(x, (y - mu) / sigma, s=6, color=COLORS["data"], alpha=0.6, zorder=2)
+    rax.scatter(x, (y - mu) / sigma, s=6, color=COLORS["data"], alpha=0.6, zorder=2, **POINTS)
     if held_out is not None:
         hx, hy, hm, hs = held_out
         rax.scatter(hx, (hy - hm) / hs, s=8, facecolors="none", edgecolors=COLORS["held"],
-                    linewidths=0.6, alpha=0.7, zorder=2)
+                    linewidths=0.6, alpha=0.7, zorder=2, **POINTS)
     for k, style in ((1, ":"), (2, "--")):
         for sign in (1, -1):
             rax.axhline(sign * k, color=COLORS["true"], linestyle=style, linewidth=1.0,
@@ -214,7 +218,7 @@ def parity_figure(jax_result, torch_result, x, *, axes=None, dtype=None, loss=No
                       for k in ("mu_jax", "sigma_jax", "mu_torch", "sigma_torch"))
     if data is not None:
         ax.scatter(np.asarray(data[0]), np.asarray(data[1]), s=4, color=COLORS["data"],
-                   alpha=0.3, zorder=1)
+                   alpha=0.3, zorder=1, **POINTS)
     ax.fill_between(xs, mj - 2 * sj, mj + 2 * sj, color=COLORS["band"], alpha=0.5,
                     linewidth=0, label=r"jax $\mu \pm 2\sigma$", zorder=2)
     ax.plot(xs, mt - 2 * st, "--", color=COLORS["torch"], linewidth=1.0,
@@ -243,7 +247,7 @@ def loss_comparison_figure(x, y, fits: dict, true_mean=None, true_sigma=None, ti
                              sharex=True, sharey=True, squeeze=False)
     for ax, (name, (mu, sigma, final)) in zip(axes[0], fits.items()):
         mu, sigma = (np.asarray(a, np.float64)[order] for a in (mu, sigma))
-        ax.scatter(xs, ys, s=5, color=COLORS["data"], alpha=0.35, zorder=1)
+        ax.scatter(xs, ys, s=5, color=COLORS["data"], alpha=0.35, zorder=1, **POINTS)
         scores = ", ".join(f"{label} {final[key]:.3f}" for key, label in
                            (("crps", "CRPS"), ("mace", "MACE")) if key in final)
         ax.fill_between(xs, mu - 2 * sigma, mu + 2 * sigma, color=COLORS["band"], alpha=0.5,
@@ -291,7 +295,7 @@ def extrapolation_figure(x, y, grid, mixture, member, title: str, true_mean=None
                   else None)
         a.grid(alpha=0.3)
     ax.scatter(np.asarray(x)[order], np.asarray(y)[order], s=6, color=COLORS["data"],
-               alpha=0.4, zorder=1, label="training data")
+               alpha=0.4, zorder=1, label="training data", **POINTS)
     ax.fill_between(grid, mm - 2 * ms, mm + 2 * ms, color=COLORS["band"], alpha=0.55,
                     linewidth=0, zorder=2, label=r"mixture $\mu \pm 2\sigma$")
     ax.plot(grid, mm, color=COLORS["fit"], linewidth=2.2, zorder=3, label=r"mixture $\mu$")
