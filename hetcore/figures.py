@@ -17,8 +17,8 @@ COLORS = {"data": "#337538", "fit": "#2E2585", "band": "#94CBEC", "true": "#4444
 # SVG (10^6 points are ~100 MB of it); above this, an evenly spaced subset in x is drawn.
 MAX_DRAWN = 5000
 # Scatters of data points are drawn as an image inside the SVG (lines, bands and text stay
-# vector): a fit figure of 5,000 points and 5,000 held-out ones was 3.7 MB of SVG paths and
-# 1.2 s to write, 0.6 MB and 0.7 s so (2026-12-04, AMD EPYC VM).
+# vector): thousands of points as SVG paths made the file several MB and its writing the
+# slowest part of a run's figures (docs/performance.md, "Whole commands").
 POINTS = {"rasterized": True}
 
 
